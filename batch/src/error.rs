@@ -1,0 +1,24 @@
+//! Errors of the batch job.
+
+use lockstep_features::DefinitionErrors;
+
+/// Why a batch job did not complete. No output is left behind in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Definitions(#[from] DefinitionErrors),
+    #[error("{location}: {message}")]
+    Input { location: String, message: String },
+    #[error("cannot write {location}: {message}")]
+    Output { location: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("the batch job failed: {0}")]
+    Execution(String),
+}
+
+impl From<datafusion::error::DataFusionError> for BatchError {
+    fn from(error: datafusion::error::DataFusionError) -> Self {
+        BatchError::Execution(error.find_root().message().to_string())
+    }
+}

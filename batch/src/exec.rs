@@ -1,0 +1,472 @@
+//! `FeatureWindowExec`: the window stage of the batch job as a DataFusion operator.
+//!
+//! Its input is the feature's stage columns (keys, event time, aggregate arguments and `FILTER`
+//! masks; see [`StageLayout`]) hash-partitioned by key and sorted by key, then event time, in each
+//! partition. It walks each key's events once: events update the partial state of their pane (or
+//! session), finished panes go to a [`PaneSlider`], and every window the slider emits is evaluated
+//! and appended to the output. Memory is one key's live panes plus one output batch; the sort
+//! before it spills to disk under the session's memory limit.
+//!
+//! Output rows come out ordered by key, then `window_start`, in each partition.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampMillisecondBuilder, UInt32Builder};
+use arrow::compute::take;
+use arrow::datatypes::{
+    DataType, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType,
+};
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{
+    EquivalenceProperties, LexRequirement, OrderingRequirements, PhysicalExpr, PhysicalSortExpr,
+    PhysicalSortRequirement,
+};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::expressions::col as physical_col;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties};
+use datafusion::physical_plan::{Distribution, Partitioning};
+use futures::StreamExt;
+use lockstep_features::assemble::{PaneSlider, SessionBuilder, WindowRow};
+use lockstep_features::window::to_millis;
+use lockstep_features::{AggregateSpec, ArgColumn, CompiledFeature, OutputColumn, Partial, StageLayout, Window};
+
+/// Counters shared with the caller for progress and the final summary.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    /// Events that reached the window stage (they passed the filter).
+    pub events: AtomicU64,
+    /// Events without an event time (skipped).
+    pub null_times: AtomicU64,
+    /// Output rows (windows) produced.
+    pub windows: AtomicU64,
+}
+
+/// What the window stage needs to know about the feature set.
+#[derive(Debug, Clone)]
+pub struct WindowStage {
+    pub feature: String,
+    pub window: Window,
+    pub specs: Vec<AggregateSpec>,
+    pub layout: StageLayout,
+    pub key_names: Vec<String>,
+    pub output_schema: SchemaRef,
+    pub counters: Arc<StageCounters>,
+}
+
+impl WindowStage {
+    /// The stage of a compiled feature set.
+    pub fn new(feature: &CompiledFeature, counters: Arc<StageCounters>) -> Self {
+        WindowStage {
+            feature: feature.feature.name.clone(),
+            window: feature.window(),
+            specs: feature.specs(),
+            layout: feature.layout(),
+            key_names: feature.feature.key.clone(),
+            output_schema: feature.output_schema(),
+            counters,
+        }
+    }
+
+    /// One line describing the stage, for plans.
+    pub fn describe(&self) -> String {
+        let window = match self.window {
+            Window::Sliding { size, every, offset } if size == every => format!("tumbling {size} offset {offset}"),
+            Window::Sliding { size, every, offset } => format!(
+                "sliding {size} every {every} offset {offset} ({} panes per window)",
+                size.millis() / every.millis()
+            ),
+            Window::Session { gap } => format!("session gap {gap}"),
+        };
+        let aggregates: Vec<String> =
+            self.specs.iter().map(|s| format!("{}={}", s.name, s.function.sql_name())).collect();
+        format!(
+            "feature={}, keys=[{}], window={window}, aggregates=[{}]",
+            self.feature,
+            self.key_names.join(", "),
+            aggregates.join(", ")
+        )
+    }
+}
+
+/// The DataFusion operator; see the module documentation.
+#[derive(Debug)]
+pub struct FeatureWindowExec {
+    stage: WindowStage,
+    input: Arc<dyn ExecutionPlan>,
+    properties: Arc<PlanProperties>,
+    /// The key columns of the input: rows are hash-partitioned by them.
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Key columns, then event time, ascending (nulls first): the order each partition needs.
+    ordering: Vec<PhysicalSortExpr>,
+}
+
+impl FeatureWindowExec {
+    /// A window stage over `input` (the stage columns). The operator asks DataFusion for input
+    /// hash-partitioned by key and sorted by key, then event time, in each partition.
+    pub fn try_new(stage: WindowStage, input: Arc<dyn ExecutionPlan>) -> Result<Self> {
+        let input_schema = input.schema();
+        let keys = (0..stage.layout.keys)
+            .map(|i| physical_col(input_schema.field(i).name(), &input_schema))
+            .collect::<Result<Vec<_>>>()?;
+        let mut input_ordering: Vec<PhysicalSortExpr> =
+            keys.iter().cloned().map(PhysicalSortExpr::new_default).collect();
+        input_ordering.push(PhysicalSortExpr::new_default(physical_col(
+            input_schema.field(stage.layout.time).name(),
+            &input_schema,
+        )?));
+        let schema = stage.output_schema.clone();
+        let mut ordering = Vec::new();
+        for name in stage.key_names.iter().map(String::as_str).chain(["window_start"]) {
+            ordering.push(PhysicalSortExpr::new_default(physical_col(name, &schema)?));
+        }
+        let mut equivalences = EquivalenceProperties::new(schema);
+        equivalences.add_ordering(ordering);
+        let partitioning = if keys.is_empty() {
+            Partitioning::UnknownPartitioning(1)
+        } else {
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count())
+        };
+        let properties =
+            PlanProperties::new(equivalences, partitioning, EmissionType::Incremental, Boundedness::Bounded);
+        Ok(FeatureWindowExec { stage, input, properties: Arc::new(properties), keys, ordering: input_ordering })
+    }
+}
+
+impl DisplayAs for FeatureWindowExec {
+    fn fmt_as(&self, _format: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "FeatureWindowExec: {}", self.stage.describe())
+    }
+}
+
+impl ExecutionPlan for FeatureWindowExec {
+    fn name(&self) -> &'static str {
+        "FeatureWindowExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        if self.keys.is_empty() {
+            vec![Distribution::SinglePartition]
+        } else {
+            vec![Distribution::KeyPartitioned(self.keys.clone())]
+        }
+    }
+
+    fn required_input_ordering(&self) -> Vec<Option<OrderingRequirements>> {
+        let requirement = LexRequirement::new(self.ordering.iter().cloned().map(PhysicalSortRequirement::from));
+        vec![requirement.map(OrderingRequirements::new)]
+    }
+
+    fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        let input =
+            children.pop().ok_or_else(|| DataFusionError::Internal("FeatureWindowExec takes one input".into()))?;
+        Ok(Arc::new(FeatureWindowExec::try_new(self.stage.clone(), input)?))
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context.clone())?;
+        let batch_size = context.session_config().batch_size();
+        let state = StageState::new(&self.stage, batch_size)?;
+        let schema = self.stage.output_schema.clone();
+        let stream = futures::stream::unfold(Some((input, state)), |current| async move {
+            let (mut input, mut state) = current?;
+            loop {
+                if let Some(batch) = state.ready.pop() {
+                    return Some((Ok(batch), Some((input, state))));
+                }
+                if state.done {
+                    return None;
+                }
+                let step = match input.next().await {
+                    Some(Ok(batch)) => state.consume(&batch),
+                    Some(Err(e)) => Err(e),
+                    None => state.finish(),
+                };
+                if let Err(e) = step {
+                    return Some((Err(e), None));
+                }
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// Per-key window assembly for either kind of window.
+enum Assembler {
+    Panes { slider: PaneSlider, panes: lockstep_features::Panes, open: Option<(i64, Vec<Partial>)> },
+    Sessions(SessionBuilder),
+}
+
+/// Output rows of one batch in the making.
+struct RowSink {
+    specs: Vec<AggregateSpec>,
+    schema: SchemaRef,
+    /// Distinct keys of this batch, and per row the index of its key.
+    keys: Vec<OwnedRow>,
+    key_of_row: UInt32Builder,
+    starts: TimestampMillisecondBuilder,
+    ends: TimestampMillisecondBuilder,
+    values: Vec<OutputColumn>,
+    rows: usize,
+}
+
+impl RowSink {
+    fn new(specs: &[AggregateSpec], schema: SchemaRef, capacity: usize) -> Self {
+        RowSink {
+            specs: specs.to_vec(),
+            schema,
+            keys: Vec::new(),
+            key_of_row: UInt32Builder::with_capacity(capacity),
+            starts: TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            ends: TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            values: specs.iter().map(|s| OutputColumn::new(s.output, capacity)).collect(),
+            rows: 0,
+        }
+    }
+
+    fn append(&mut self, key: &OwnedRow, row: WindowRow<'_>, feature: &str) -> Result<()> {
+        if self.keys.last() != Some(key) {
+            self.keys.push(key.clone());
+        }
+        for (i, spec) in self.specs.iter().enumerate() {
+            let value = row.states.evaluate(i, spec).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "feature set `{feature}`, window starting {}: {e}",
+                    format_time(row.start)
+                ))
+            })?;
+            self.values[i].append(value);
+        }
+        self.key_of_row.append_value((self.keys.len() - 1) as u32);
+        self.starts.append_value(row.start);
+        self.ends.append_value(row.end);
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self, converter: &RowConverter) -> Result<Option<RecordBatch>> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        let key_columns = converter.convert_rows(self.keys.iter().map(|k| k.row()))?;
+        let indices = self.key_of_row.finish();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        for key in key_columns {
+            columns.push(take(&key, &indices, None)?);
+        }
+        columns.push(Arc::new(self.starts.finish()));
+        columns.push(Arc::new(self.ends.finish()));
+        for value in &mut self.values {
+            columns.push(value.finish());
+        }
+        let last_key = self.keys.pop();
+        self.keys.clear();
+        // The key being assembled may continue in the next batch: keep it first.
+        self.keys.extend(last_key);
+        self.rows = 0;
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+    }
+}
+
+fn format_time(millis: i64) -> String {
+    chrono_like(millis)
+}
+
+/// ISO-8601 text of a millisecond timestamp, for messages.
+fn chrono_like(millis: i64) -> String {
+    arrow::temporal_conversions::timestamp_ms_to_datetime(millis)
+        .map_or_else(|| format!("{millis}ms"), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+}
+
+struct StageState {
+    stage: WindowStage,
+    converter: RowConverter,
+    assembler: Assembler,
+    key: Option<OwnedRow>,
+    sink: RowSink,
+    batch_size: usize,
+    ready: Vec<RecordBatch>,
+    done: bool,
+}
+
+impl StageState {
+    fn new(stage: &WindowStage, batch_size: usize) -> Result<Self> {
+        let key_fields: Vec<SortField> = stage.output_schema.fields()[..stage.layout.keys]
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(key_fields)?;
+        let assembler = match stage.window {
+            Window::Session { gap } => Assembler::Sessions(SessionBuilder::new(gap, stage.specs.clone())),
+            sliding => {
+                let panes =
+                    sliding.panes().ok_or_else(|| DataFusionError::Internal("sliding window without panes".into()))?;
+                Assembler::Panes { slider: PaneSlider::new(panes, stage.specs.clone()), panes, open: None }
+            }
+        };
+        Ok(StageState {
+            stage: stage.clone(),
+            converter,
+            assembler,
+            key: None,
+            sink: RowSink::new(&stage.specs, stage.output_schema.clone(), batch_size),
+            batch_size,
+            ready: Vec::new(),
+            done: false,
+        })
+    }
+
+    fn consume(&mut self, batch: &RecordBatch) -> Result<()> {
+        let layout = &self.stage.layout;
+        let keys = self.converter.convert_columns(&batch.columns()[..layout.keys])?;
+        let times = millis_of(batch.column(layout.time))?;
+        let args: Vec<Option<ArgColumn<'_>>> = layout
+            .args
+            .iter()
+            .map(|i| {
+                i.map(|i| {
+                    ArgColumn::new(batch.column(i)).ok_or_else(|| {
+                        DataFusionError::Execution(format!(
+                            "aggregate argument of unexpected type {}",
+                            batch.column(i).data_type()
+                        ))
+                    })
+                })
+                .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let masks: Vec<Option<&BooleanArray>> =
+            layout.masks.iter().map(|i| i.map(|i| batch.column(i).as_boolean())).collect();
+        let feature = self.stage.feature.clone();
+        let specs = &self.stage.specs;
+        let counters = &self.stage.counters;
+        counters.events.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        for row in 0..batch.num_rows() {
+            if times.is_null(row) {
+                counters.null_times.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let time = times.value(row);
+            let key = keys.row(row);
+            if self.key.as_ref().is_none_or(|k| k.row() != key) {
+                if let Some(previous) = self.key.take() {
+                    finish_key(&mut self.assembler, &mut self.sink, &previous, &feature)?;
+                }
+                self.key = Some(key.owned());
+            }
+            let current = self.key.as_ref().expect("set above");
+            let states: &mut Vec<Partial> = match &mut self.assembler {
+                Assembler::Panes { slider, panes, open } => {
+                    let pane = panes.pane_of(time);
+                    if open.as_ref().is_some_and(|(p, _)| *p != pane) {
+                        let (p, states) = open.take().expect("checked above");
+                        slider.push(p, states, &mut |w| self.sink.append(current, w, &feature))?;
+                    }
+                    &mut open.get_or_insert_with(|| (pane, specs.iter().map(Partial::empty).collect())).1
+                }
+                Assembler::Sessions(builder) => builder.at(time, &mut |w| self.sink.append(current, w, &feature))?,
+            };
+            for (i, state) in states.iter_mut().enumerate() {
+                if masks[i].is_some_and(|m| !m.value(row)) {
+                    continue;
+                }
+                state.update(specs[i].function, args[i].as_ref(), row, time);
+            }
+            if self.sink.rows >= self.batch_size {
+                flush(&mut self.sink, &self.converter, counters, &mut self.ready)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        flush(&mut self.sink, &self.converter, &self.stage.counters, &mut self.ready)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if let Some(previous) = self.key.take() {
+            let feature = self.stage.feature.clone();
+            finish_key(&mut self.assembler, &mut self.sink, &previous, &feature)?;
+        }
+        self.flush()?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+/// Moves the rows made so far into the queue of ready batches.
+fn flush(
+    sink: &mut RowSink,
+    converter: &RowConverter,
+    counters: &StageCounters,
+    ready: &mut Vec<RecordBatch>,
+) -> Result<()> {
+    if let Some(batch) = sink.finish(converter)? {
+        counters.windows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        // `ready` is popped from the back: keep output order by inserting at the front.
+        ready.insert(0, batch);
+    }
+    Ok(())
+}
+
+fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, key: &OwnedRow, feature: &str) -> Result<()> {
+    let mut emit = |w: WindowRow<'_>| sink.append(key, w, feature);
+    match assembler {
+        Assembler::Panes { slider, open, .. } => {
+            if let Some((p, states)) = open.take() {
+                slider.push(p, states, &mut emit)?;
+            }
+            slider.finish(&mut emit)
+        }
+        Assembler::Sessions(builder) => builder.finish(&mut emit),
+    }
+}
+
+/// The event-time column in milliseconds (timestamps of any unit are floored to milliseconds).
+fn millis_of(column: &ArrayRef) -> Result<arrow::array::Int64Array> {
+    use arrow::array::Int64Array;
+    let out: Int64Array = match column.data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            column.as_primitive::<TimestampMillisecondType>().reinterpret_cast::<Int64Type>()
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            column.as_primitive::<TimestampMicrosecondType>().unary(|v| to_millis(v, TimeUnit::Microsecond))
+        }
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            column.as_primitive::<TimestampNanosecondType>().unary(|v| to_millis(v, TimeUnit::Nanosecond))
+        }
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            column.as_primitive::<TimestampSecondType>().unary(|v| to_millis(v, TimeUnit::Second))
+        }
+        DataType::Int64 => column.as_primitive::<Int64Type>().clone(),
+        other => {
+            return Err(DataFusionError::Execution(format!("the event time column has type {other}, not a timestamp")));
+        }
+    };
+    Ok(out)
+}

@@ -1,0 +1,179 @@
+//! Writing feature rows: one Parquet file, a folder of Parquet files, or a Delta table.
+//!
+//! No partial output ever becomes visible. Parquet is written under a temporary name beside the
+//! target and renamed into place when complete; a Delta table changes in one commit, and a failed
+//! job commits nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
+use datafusion::execution::SessionState;
+use deltalake::protocol::SaveMode;
+use lockstep_features::Location;
+
+use crate::error::BatchError;
+use crate::source::to_url;
+
+/// Where a job writes, resolved from `--out`, `--format` and the feature's `output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// A single Parquet file (the URL ends in `.parquet`).
+    ParquetFile(String),
+    /// A folder of Parquet files.
+    ParquetFolder(String),
+    Delta(String),
+}
+
+/// A forced output format (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Parquet,
+    Delta,
+}
+
+impl OutputTarget {
+    /// Resolves the target: an explicit URL wins over the feature's `output`; a URL ending in
+    /// `.parquet` is one file; otherwise `format`, else the feature's output kind, else Delta.
+    pub fn resolve(
+        out: Option<&str>,
+        format: Option<OutputFormat>,
+        configured: Option<&Location>,
+    ) -> Result<Self, BatchError> {
+        let (url, kind) = match (out, configured) {
+            (Some(url), configured) => (
+                url.to_string(),
+                format.or(configured.map(|c| match c {
+                    Location::Parquet(_) => OutputFormat::Parquet,
+                    Location::Delta(_) => OutputFormat::Delta,
+                })),
+            ),
+            (None, Some(location)) => (
+                location.url().to_string(),
+                format.or(Some(match location {
+                    Location::Parquet(_) => OutputFormat::Parquet,
+                    Location::Delta(_) => OutputFormat::Delta,
+                })),
+            ),
+            (None, None) => {
+                return Err(BatchError::Config(
+                    "no output: pass --out URL, or give the feature set an `output:` with `delta:` or `parquet:`"
+                        .into(),
+                ));
+            }
+        };
+        if url.ends_with(".parquet") && format != Some(OutputFormat::Delta) {
+            return Ok(OutputTarget::ParquetFile(url));
+        }
+        Ok(match kind.unwrap_or(OutputFormat::Delta) {
+            OutputFormat::Parquet => OutputTarget::ParquetFolder(url),
+            OutputFormat::Delta => OutputTarget::Delta(url),
+        })
+    }
+
+    /// The URL or path.
+    pub fn url(&self) -> &str {
+        match self {
+            OutputTarget::ParquetFile(u) | OutputTarget::ParquetFolder(u) | OutputTarget::Delta(u) => u,
+        }
+    }
+
+    /// Runs `frame` and writes its rows here, replacing what was there.
+    pub async fn write(
+        &self,
+        state: &SessionState,
+        frame: DataFrame,
+        commit_metadata: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), BatchError> {
+        match self {
+            OutputTarget::ParquetFile(url) => write_parquet(frame, url, true).await,
+            OutputTarget::ParquetFolder(url) => write_parquet(frame, url, false).await,
+            OutputTarget::Delta(url) => write_delta(state, frame, url, commit_metadata).await,
+        }
+    }
+}
+
+fn local_path(url: &str) -> Result<PathBuf, BatchError> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Ok(PathBuf::from(rest));
+    }
+    if url.contains("://") {
+        return Err(BatchError::Output {
+            location: url.into(),
+            message: "Parquet output goes to a local path or file:// URL; write a Delta table for object stores (its commit is atomic)".into(),
+        });
+    }
+    std::path::absolute(url).map_err(|e| BatchError::Output { location: url.into(), message: e.to_string() })
+}
+
+/// A temporary sibling of `target`, unique to this process.
+fn staging_path(target: &Path) -> PathBuf {
+    let name = target.file_name().map_or_else(|| "output".into(), |n| n.to_string_lossy().to_string());
+    target.with_file_name(format!(".{name}.lockstep-{}.tmp", std::process::id()))
+}
+
+async fn write_parquet(frame: DataFrame, url: &str, single_file: bool) -> Result<(), BatchError> {
+    let target = local_path(url)?;
+    let failed = |message: String| BatchError::Output { location: url.into(), message };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| failed(e.to_string()))?;
+    }
+    let staging = staging_path(&target);
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_file(&staging);
+    let staging_text = if single_file {
+        format!("{}.parquet", staging.display())
+    } else {
+        std::fs::create_dir_all(&staging).map_err(|e| failed(e.to_string()))?;
+        format!("{}/", staging.display())
+    };
+    let options = DataFrameWriteOptions::new().with_single_file_output(single_file);
+    let result = frame.write_parquet(&staging_text, options, None).await;
+    let staged = PathBuf::from(staging_text.trim_end_matches('/'));
+    if let Err(error) = result {
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(BatchError::from(error));
+    }
+    if single_file {
+        std::fs::rename(&staged, &target).map_err(|e| failed(e.to_string()))?;
+    } else {
+        // Swap folders: the old output stays whole until the new one is complete.
+        let previous = target.with_file_name(format!(
+            ".{}.lockstep-old",
+            target.file_name().map_or_else(String::new, |n| n.to_string_lossy().to_string())
+        ));
+        let _ = std::fs::remove_dir_all(&previous);
+        if target.exists() {
+            std::fs::rename(&target, &previous).map_err(|e| failed(e.to_string()))?;
+        }
+        std::fs::rename(&staged, &target).map_err(|e| failed(e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&previous);
+    }
+    Ok(())
+}
+
+async fn write_delta(
+    state: &SessionState,
+    frame: DataFrame,
+    url: &str,
+    metadata: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), BatchError> {
+    let failed = |message: String| BatchError::Output { location: url.into(), message };
+    let table_url = to_url(url)?;
+    if table_url.scheme() == "file" {
+        std::fs::create_dir_all(table_url.path()).map_err(|e| failed(e.to_string()))?;
+    }
+    let table = deltalake::DeltaTable::try_from_url(table_url).await.map_err(|e| failed(e.to_string()))?;
+    let plan = frame.logical_plan().clone();
+    table
+        .write(Vec::new())
+        .with_input_plan(plan)
+        .with_session_state(Arc::new(state.clone()))
+        .with_save_mode(SaveMode::Overwrite)
+        .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+        .with_commit_properties(deltalake::kernel::transaction::CommitProperties::default().with_metadata(metadata))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The batch job as one DataFusion plan.
+//!
+//! ```text
+//!   Sort: keys, window_start                      (a merge of the sorted partitions)
+//!     FeatureWindow: feature=…, window=…          (lockstep's logical node)
+//!       Projection: keys, event time, arguments, FILTER masks
+//!         Filter: <the feature's filter>
+//!           TableScan: history (Parquet or Delta)
+//! ```
+//!
+//! The physical planner turns `FeatureWindow` into `FeatureWindowExec`, which requires its input
+//! hash-partitioned by key and sorted by key, then event time; DataFusion's optimizer meets that
+//! with `RepartitionExec(hash(key))` and a per-partition `SortExec`, so keys are spread over the
+//! cores, each partition is sorted with spilling under the memory limit, and the window stage sees
+//! each key's events in time order.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result};
+use datafusion::execution::SessionState;
+use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{Expr, Extension, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
+use datafusion::prelude::SessionConfig;
+
+use crate::exec::{FeatureWindowExec, WindowStage};
+
+/// The logical node of the window stage.
+#[derive(Debug, Clone)]
+pub struct FeatureWindowNode {
+    pub stage: WindowStage,
+    pub input: LogicalPlan,
+    schema: DFSchemaRef,
+}
+
+impl FeatureWindowNode {
+    pub fn try_new(stage: WindowStage, input: LogicalPlan) -> Result<Self> {
+        let schema = Arc::new(DFSchema::try_from(stage.output_schema.as_ref().clone())?);
+        Ok(FeatureWindowNode { stage, input, schema })
+    }
+
+    /// The node as a logical plan.
+    pub fn into_plan(self) -> LogicalPlan {
+        LogicalPlan::Extension(Extension { node: Arc::new(self) })
+    }
+}
+
+impl PartialEq for FeatureWindowNode {
+    fn eq(&self, other: &Self) -> bool {
+        self.stage.describe() == other.stage.describe() && self.input == other.input
+    }
+}
+
+impl Eq for FeatureWindowNode {}
+
+impl Hash for FeatureWindowNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.stage.describe().hash(state);
+        self.input.hash(state);
+    }
+}
+
+impl PartialOrd for FeatureWindowNode {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        self.stage.describe().partial_cmp(&other.stage.describe())
+    }
+}
+
+impl UserDefinedLogicalNodeCore for FeatureWindowNode {
+    fn name(&self) -> &str {
+        "FeatureWindow"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        &self.schema
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        Vec::new()
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "FeatureWindow: {}", self.stage.describe())
+    }
+
+    fn with_exprs_and_inputs(&self, _exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> Result<Self> {
+        let input = inputs.pop().ok_or_else(|| DataFusionError::Internal("FeatureWindow takes one input".into()))?;
+        FeatureWindowNode::try_new(self.stage.clone(), input)
+    }
+}
+
+/// Plans [`FeatureWindowNode`] as described in the module documentation.
+#[derive(Debug)]
+struct FeatureWindowPlanner;
+
+#[async_trait]
+impl ExtensionPlanner for FeatureWindowPlanner {
+    async fn plan_extension(
+        &self,
+        _planner: &dyn PhysicalPlanner,
+        node: &dyn UserDefinedLogicalNode,
+        _logical_inputs: &[&LogicalPlan],
+        physical_inputs: &[Arc<dyn ExecutionPlan>],
+        _session: &dyn datafusion::catalog::Session,
+        _planning_ctx: &PhysicalPlanningContext,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let Some(node) = node.as_any().downcast_ref::<FeatureWindowNode>() else { return Ok(None) };
+        let input = physical_inputs
+            .first()
+            .cloned()
+            .ok_or_else(|| DataFusionError::Internal("FeatureWindow takes one input".into()))?;
+        Ok(Some(Arc::new(FeatureWindowExec::try_new(node.stage.clone(), input)?)))
+    }
+}
+
+/// A query planner that knows lockstep's logical nodes.
+#[derive(Debug)]
+struct LockstepQueryPlanner;
+
+#[async_trait]
+impl QueryPlanner for LockstepQueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn datafusion::catalog::Session,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FeatureWindowPlanner)])
+            .create_physical_plan(logical_plan, session)
+            .await
+    }
+}
+
+/// Resources of a batch session.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Memory for sorts and aggregation before spilling to disk, in bytes.
+    pub memory_limit: usize,
+    /// Partitions (threads) to spread keys over.
+    pub partitions: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits { memory_limit: 1 << 30, partitions: std::thread::available_parallelism().map_or(2, |n| n.get()) }
+    }
+}
+
+/// A DataFusion session with lockstep's planner, a spilling memory pool and Delta support.
+pub fn session_state(limits: &SessionLimits) -> Result<SessionState> {
+    let runtime =
+        RuntimeEnvBuilder::new().with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_limit))).build_arc()?;
+    let config = SessionConfig::new()
+        .with_target_partitions(limits.partitions)
+        .with_batch_size(8192)
+        .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+    Ok(SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_query_planner(Arc::new(LockstepQueryPlanner))
+        .build())
+}

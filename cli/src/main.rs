@@ -1,0 +1,313 @@
+//! The `lockstep` command line: parses arguments, calls the library crates, reports.
+
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lockstep_batch::{BatchJob, OutputFormat, OutputTarget, SessionLimits};
+use lockstep_features::{Definitions, Location, compile_all, compile_feature};
+
+/// lockstep: define windowed ML features once; compute them in batch and streaming with
+/// bit-identical results.
+#[derive(Parser)]
+#[command(name = "lockstep", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a definitions file: syntax, schema, expressions, windows. Exit 1 on any error.
+    Validate {
+        /// The definitions file (YAML).
+        file: PathBuf,
+    },
+    /// Show the batch job's DataFusion plan for one or every feature set.
+    Plan {
+        file: PathBuf,
+        /// Only this feature set.
+        #[arg(long)]
+        feature: Option<String>,
+        /// Plan over this history instead of the source's `history`.
+        #[arg(long)]
+        history: Option<String>,
+    },
+    /// Generate deterministic synthetic transactions (same seed, same bytes).
+    Generate {
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1_000)]
+        users: u32,
+        #[arg(long, default_value_t = 1)]
+        days: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Share of events that arrive minutes to hours late.
+        #[arg(long, default_value_t = 0.01)]
+        late_rate: f64,
+        /// Output path: a `.parquet` file, a folder, a Delta table or a `.jsonl` file.
+        #[arg(long)]
+        out: String,
+        #[arg(long, value_enum)]
+        format: Option<GenerateFormat>,
+    },
+    /// Compute a feature set over its source's history and write one row per key and window.
+    Batch {
+        file: PathBuf,
+        /// The feature set to compute.
+        #[arg(long)]
+        feature: String,
+        /// Read this history (Parquet file, folder or glob, or Delta table) instead of the source's.
+        #[arg(long)]
+        history: Option<String>,
+        /// The history at --history is a Delta table (default: Parquet unless it has a _delta_log).
+        #[arg(long, value_enum)]
+        history_format: Option<TableFormat>,
+        /// Write here instead of the feature's `output` (a URL ending in .parquet is one file).
+        #[arg(long)]
+        out: Option<String>,
+        /// Force the output format.
+        #[arg(long, value_enum)]
+        format: Option<TableFormat>,
+        /// Memory for sorting before spilling to disk, e.g. 512MiB or 2GiB.
+        #[arg(long, default_value = "1GiB")]
+        memory_limit: String,
+        /// Threads to spread keys over (default: the number of cores).
+        #[arg(long)]
+        partitions: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GenerateFormat {
+    Parquet,
+    Delta,
+    Jsonl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TableFormat {
+    Parquet,
+    Delta,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate { file } => validate(&file),
+        Command::Plan { file, feature, history } => plan(&file, feature.as_deref(), history).await,
+        Command::Generate { events, users, days, seed, late_rate, out, format } => {
+            generate(events, users, days, seed, late_rate, &out, format, cli.quiet).await
+        }
+        Command::Batch { file, feature, history, history_format, out, format, memory_limit, partitions } => {
+            let limits = SessionLimits {
+                memory_limit: parse_bytes(&memory_limit)?,
+                partitions: partitions.unwrap_or_else(|| SessionLimits::default().partitions),
+            };
+            batch(&file, &feature, history, history_format, out, format, limits, cli.quiet).await
+        }
+    }
+}
+
+fn load(file: &Path) -> Result<Definitions> {
+    Ok(Definitions::load(file)?)
+}
+
+fn validate(file: &Path) -> Result<ExitCode> {
+    let definitions = match Definitions::load(file) {
+        Ok(d) => d,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s); no job will start from this file", file.display(), errors.0.len());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let compiled = match compile_all(&definitions) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s); no job will start from this file", file.display(), errors.0.len());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("{}: ok — {} source(s), {} feature set(s)", file.display(), definitions.sources.len(), compiled.len());
+    for feature in &compiled {
+        let names: Vec<&str> = feature.aggregates.iter().map(|a| a.spec.name.as_str()).collect();
+        println!(
+            "  {} ← {} by [{}], {}: {}",
+            feature.feature.name,
+            feature.source.name,
+            feature.feature.key.join(", "),
+            describe_window(feature.window()),
+            names.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_window(window: lockstep_features::Window) -> String {
+    use lockstep_features::Window;
+    match window {
+        Window::Sliding { size, every, offset } if size == every => format!("tumbling {size}{}", offset_text(offset)),
+        Window::Sliding { size, every, offset } => format!("sliding {size} every {every}{}", offset_text(offset)),
+        Window::Session { gap } => format!("session gap {gap}"),
+    }
+}
+
+fn offset_text(offset: lockstep_features::Duration) -> String {
+    if offset.millis() == 0 { String::new() } else { format!(" offset {offset}") }
+}
+
+/// The history location from `--history`, or the source's.
+fn history_location(history: Option<String>, format: Option<TableFormat>) -> Option<Location> {
+    let url = history?;
+    let delta = match format {
+        Some(TableFormat::Delta) => true,
+        Some(TableFormat::Parquet) => false,
+        None => !url.contains("://") && Path::new(&url).join("_delta_log").is_dir(),
+    };
+    Some(if delta { Location::Delta(url) } else { Location::Parquet(url) })
+}
+
+async fn plan(file: &Path, only: Option<&str>, history: Option<String>) -> Result<ExitCode> {
+    let definitions = load(file)?;
+    let features: Vec<_> = match only {
+        Some(name) => vec![definitions.feature(name).map_err(anyhow::Error::msg)?.clone()],
+        None => definitions.features.clone(),
+    };
+    for feature in features {
+        let compiled = compile_feature(&definitions, &feature)?;
+        let job = BatchJob::new(compiled, history_location(history.clone(), None))?;
+        println!("== feature set `{}` (batch, over {}) ==", feature.name, job.history().url());
+        println!("{}\n", job.explain().await?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn batch(
+    file: &Path,
+    feature: &str,
+    history: Option<String>,
+    history_format: Option<TableFormat>,
+    out: Option<String>,
+    format: Option<TableFormat>,
+    limits: SessionLimits,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let definitions = load(file)?;
+    let feature_set = definitions.feature(feature).map_err(anyhow::Error::msg)?.clone();
+    let compiled = compile_feature(&definitions, &feature_set)?;
+    let format = format.map(|f| match f {
+        TableFormat::Parquet => OutputFormat::Parquet,
+        TableFormat::Delta => OutputFormat::Delta,
+    });
+    let target = OutputTarget::resolve(out.as_deref(), format, feature_set.output.table.as_ref())?;
+    let job = BatchJob::new(compiled, history_location(history, history_format))?.with_limits(limits);
+    let bar = progress::Progress::start(quiet, job.counters());
+    let result = job.run(&target).await;
+    bar.finish();
+    let summary = result.with_context(|| format!("feature set `{feature}`"))?;
+    println!(
+        "{feature}: {} events → {} windows in {:.2}s ({:.0} events/s) → {}",
+        summary.events,
+        summary.windows,
+        summary.elapsed.as_secs_f64(),
+        summary.events as f64 / summary.elapsed.as_secs_f64().max(1e-9),
+        summary.output
+    );
+    if summary.null_times > 0 {
+        eprintln!("warning: {} events had no event time and were skipped", summary.null_times);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn generate(
+    events: u64,
+    users: u32,
+    days: u32,
+    seed: u64,
+    late_rate: f64,
+    out: &str,
+    format: Option<GenerateFormat>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    use lockstep_fixtures::{GenerateOptions, OutputFormat as Fmt};
+    if !(0.0..=1.0).contains(&late_rate) {
+        bail!("--late-rate must be between 0 and 1, got {late_rate}");
+    }
+    if users == 0 || days == 0 {
+        bail!("--users and --days must be at least 1");
+    }
+    let format = match format {
+        Some(GenerateFormat::Parquet) => Fmt::Parquet,
+        Some(GenerateFormat::Delta) => Fmt::Delta,
+        Some(GenerateFormat::Jsonl) => Fmt::Jsonl,
+        None if out.ends_with(".jsonl") || out.ends_with(".json") => Fmt::Jsonl,
+        None if out.ends_with(".parquet") => Fmt::Parquet,
+        None => Fmt::Delta,
+    };
+    let options = GenerateOptions { events, users, days, seed, late_rate, ..GenerateOptions::default() };
+    let started = std::time::Instant::now();
+    let bar = progress::bar(quiet, events, "generating");
+    let summary = lockstep_fixtures::write_events(&options, out, format, |done| bar.set_position(done))
+        .await
+        .with_context(|| format!("generating {out}"))?;
+    bar.finish_and_clear();
+    println!(
+        "generated {} events ({} late, {} duplicates) in {:.2}s → {out}",
+        summary.events,
+        summary.late_events,
+        summary.duplicates,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads `512MiB`, `2GiB`, `1GB`, `1000000` (bytes).
+fn parse_bytes(text: &str) -> Result<usize> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().with_context(|| format!("`{text}` is not a size such as 512MiB or 2GiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "kib" | "k" => 1024.0,
+        "mb" => 1e6,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown size unit `{other}` in `{text}`; use MiB or GiB"),
+    };
+    Ok((number * scale) as usize)
+}

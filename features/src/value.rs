@@ -1,0 +1,348 @@
+//! The column types a definitions file speaks of, and single values of them as aggregates keep
+//! them (min, max, first, last, distinct).
+
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder, StringArray,
+    StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
+};
+use arrow::datatypes::{DataType, TimeUnit};
+
+/// A column type in a definitions file: `string | int64 | float64 | bool | timestamp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueType {
+    String,
+    Int64,
+    Float64,
+    Bool,
+    /// Milliseconds since the Unix epoch, UTC.
+    Timestamp,
+}
+
+impl ValueType {
+    /// Every type, in the order the documentation lists them.
+    pub const ALL: [ValueType; 5] =
+        [ValueType::String, ValueType::Int64, ValueType::Float64, ValueType::Bool, ValueType::Timestamp];
+
+    /// The name used in definitions files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::String => "string",
+            ValueType::Int64 => "int64",
+            ValueType::Float64 => "float64",
+            ValueType::Bool => "bool",
+            ValueType::Timestamp => "timestamp",
+        }
+    }
+
+    /// Reads a type name from a definitions file.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The Arrow type lockstep uses for this column in its own outputs and decoded streams.
+    pub fn arrow_type(self) -> DataType {
+        match self {
+            ValueType::String => DataType::Utf8,
+            ValueType::Int64 => DataType::Int64,
+            ValueType::Float64 => DataType::Float64,
+            ValueType::Bool => DataType::Boolean,
+            ValueType::Timestamp => timestamp_type(),
+        }
+    }
+
+    /// The lockstep type an Arrow type is read as, if any: every integer width reads as int64,
+    /// every float as float64, every string flavour as string, every timestamp unit as timestamp.
+    pub fn of_arrow(data_type: &DataType) -> Option<Self> {
+        match data_type {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Some(ValueType::String),
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32 => Some(ValueType::Int64),
+            DataType::Float16 | DataType::Float32 | DataType::Float64 => Some(ValueType::Float64),
+            DataType::Boolean => Some(ValueType::Bool),
+            DataType::Timestamp(_, _) => Some(ValueType::Timestamp),
+            _ => None,
+        }
+    }
+
+    /// True for the types `sum`, `avg`, `stddev` and `var` accept.
+    pub fn is_numeric(self) -> bool {
+        matches!(self, ValueType::Int64 | ValueType::Float64)
+    }
+}
+
+/// Timestamps in lockstep outputs: milliseconds, UTC.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// One non-null value of a column, as min/max/first/last/distinct keep it.
+///
+/// Values of one aggregate always share a type. Order is SQL's, made total: floats order with NaN
+/// above every number and −0.0 just below +0.0; strings by bytes; `false < true`. Floats are kept
+/// canonical (one NaN), so equal values have equal bits.
+#[derive(Debug, Clone)]
+pub enum Value {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Box<str>),
+    Time(i64),
+}
+
+impl Value {
+    /// A float value with NaN made canonical, so its bits do not depend on which NaN arrived.
+    pub fn float(x: f64) -> Self {
+        Value::Float(if x.is_nan() { f64::NAN } else { x })
+    }
+
+    /// The value as `count(distinct ...)` compares it: also −0.0 counts as +0.0.
+    pub fn for_distinct(self) -> Self {
+        match self {
+            Value::Float(0.0) => Value::Float(0.0),
+            other => other,
+        }
+    }
+}
+
+impl Ord for Value {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
+            (Value::Int(a), Value::Int(b)) | (Value::Time(a), Value::Time(b)) => a.cmp(b),
+            (Value::Float(a), Value::Float(b)) => match (a.is_nan(), b.is_nan()) {
+                (true, true) => Ordering::Equal,
+                (true, false) => Ordering::Greater,
+                (false, true) => Ordering::Less,
+                (false, false) => a.total_cmp(b),
+            },
+            (Value::Str(a), Value::Str(b)) => a.as_bytes().cmp(b.as_bytes()),
+            // Values of one aggregate share a type; across types order by type for totality.
+            _ => self.rank().cmp(&other.rank()),
+        }
+    }
+}
+
+impl Value {
+    fn rank(&self) -> u8 {
+        match self {
+            Value::Bool(_) => 0,
+            Value::Int(_) => 1,
+            Value::Float(_) => 2,
+            Value::Str(_) => 3,
+            Value::Time(_) => 4,
+        }
+    }
+}
+
+impl PartialOrd for Value {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Value {}
+
+impl Hash for Value {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.rank().hash(state);
+        match self {
+            Value::Bool(b) => b.hash(state),
+            Value::Int(i) | Value::Time(i) => i.hash(state),
+            Value::Float(x) => x.to_bits().hash(state),
+            Value::Str(s) => s.hash(state),
+        }
+    }
+}
+
+/// An aggregate's input column, typed; built from the compiled argument expression's output.
+#[derive(Debug, Clone, Copy)]
+pub enum ArgColumn<'a> {
+    Bool(&'a BooleanArray),
+    Int(&'a Int64Array),
+    Float(&'a Float64Array),
+    Str(&'a StringArray),
+    Time(&'a TimestampMillisecondArray),
+}
+
+impl<'a> ArgColumn<'a> {
+    /// Views an evaluated argument array; `None` when its Arrow type is not one the compiler emits.
+    pub fn new(array: &'a ArrayRef) -> Option<Self> {
+        let any = array.as_any();
+        Some(match array.data_type() {
+            DataType::Boolean => ArgColumn::Bool(any.downcast_ref()?),
+            DataType::Int64 => ArgColumn::Int(any.downcast_ref()?),
+            DataType::Float64 => ArgColumn::Float(any.downcast_ref()?),
+            DataType::Utf8 => ArgColumn::Str(any.downcast_ref()?),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => ArgColumn::Time(any.downcast_ref()?),
+            _ => return None,
+        })
+    }
+
+    /// True when row `row` is null.
+    pub fn is_null(&self, row: usize) -> bool {
+        match self {
+            ArgColumn::Bool(a) => a.is_null(row),
+            ArgColumn::Int(a) => a.is_null(row),
+            ArgColumn::Float(a) => a.is_null(row),
+            ArgColumn::Str(a) => a.is_null(row),
+            ArgColumn::Time(a) => a.is_null(row),
+        }
+    }
+
+    /// The value at a non-null row.
+    pub fn value(&self, row: usize) -> Value {
+        match self {
+            ArgColumn::Bool(a) => Value::Bool(a.value(row)),
+            ArgColumn::Int(a) => Value::Int(a.value(row)),
+            ArgColumn::Float(a) => Value::float(a.value(row)),
+            ArgColumn::Str(a) => Value::Str(a.value(row).into()),
+            ArgColumn::Time(a) => Value::Time(a.value(row)),
+        }
+    }
+
+    /// The value at a non-null row of a numeric column, as a double.
+    pub fn f64(&self, row: usize) -> f64 {
+        match self {
+            ArgColumn::Int(a) => a.value(row) as f64,
+            ArgColumn::Float(a) => a.value(row),
+            _ => f64::NAN,
+        }
+    }
+
+    /// The value at a non-null row of an int64 column.
+    pub fn i64(&self, row: usize) -> i64 {
+        match self {
+            ArgColumn::Int(a) => a.value(row),
+            _ => 0,
+        }
+    }
+}
+
+/// A final aggregate value, ready to append to an output column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Null,
+    Int(i64),
+    Float(f64),
+    Value(Value),
+}
+
+/// Builds one output column of a given type from [`Output`] values.
+pub enum OutputColumn {
+    Bool(BooleanBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Str(StringBuilder),
+    Time(TimestampMillisecondBuilder),
+}
+
+impl OutputColumn {
+    /// An empty column of `value_type`.
+    pub fn new(value_type: ValueType, capacity: usize) -> Self {
+        match value_type {
+            ValueType::Bool => OutputColumn::Bool(BooleanBuilder::with_capacity(capacity)),
+            ValueType::Int64 => OutputColumn::Int(Int64Builder::with_capacity(capacity)),
+            ValueType::Float64 => OutputColumn::Float(Float64Builder::with_capacity(capacity)),
+            ValueType::String => OutputColumn::Str(StringBuilder::with_capacity(capacity, capacity * 8)),
+            ValueType::Timestamp => {
+                OutputColumn::Time(TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"))
+            }
+        }
+    }
+
+    /// Appends one value; the aggregate's output type guarantees the variants match.
+    pub fn append(&mut self, value: Output) {
+        match (self, value) {
+            (OutputColumn::Int(b), Output::Int(v)) => b.append_value(v),
+            (OutputColumn::Float(b), Output::Float(v)) => b.append_value(v),
+            (OutputColumn::Bool(b), Output::Value(Value::Bool(v))) => b.append_value(v),
+            (OutputColumn::Int(b), Output::Value(Value::Int(v))) => b.append_value(v),
+            (OutputColumn::Float(b), Output::Value(Value::Float(v))) => b.append_value(v),
+            (OutputColumn::Str(b), Output::Value(Value::Str(v))) => b.append_value(v),
+            (OutputColumn::Time(b), Output::Value(Value::Time(v))) => b.append_value(v),
+            (column, _) => column.append_null(),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            OutputColumn::Bool(b) => b.append_null(),
+            OutputColumn::Int(b) => b.append_null(),
+            OutputColumn::Float(b) => b.append_null(),
+            OutputColumn::Str(b) => b.append_null(),
+            OutputColumn::Time(b) => b.append_null(),
+        }
+    }
+
+    /// The finished Arrow array.
+    pub fn finish(&mut self) -> ArrayRef {
+        match self {
+            OutputColumn::Bool(b) => Arc::new(b.finish()),
+            OutputColumn::Int(b) => Arc::new(b.finish()),
+            OutputColumn::Float(b) => Arc::new(b.finish()),
+            OutputColumn::Str(b) => Arc::new(b.finish()),
+            OutputColumn::Time(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_order_totally_with_nan_on_top() {
+        let mut values = [
+            Value::float(f64::NAN),
+            Value::float(1.0),
+            Value::float(-0.0),
+            Value::float(0.0),
+            Value::float(f64::NEG_INFINITY),
+        ];
+        values.sort();
+        let bits: Vec<u64> = values
+            .iter()
+            .map(|v| match v {
+                Value::Float(x) => x.to_bits(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(
+            bits,
+            vec![
+                f64::NEG_INFINITY.to_bits(),
+                (-0.0f64).to_bits(),
+                0.0f64.to_bits(),
+                1.0f64.to_bits(),
+                f64::NAN.to_bits()
+            ]
+        );
+        assert_eq!(Value::float(-0.0).for_distinct(), Value::float(0.0));
+        assert_eq!(Value::float(f64::from_bits(0x7ff8_0000_0000_0001)), Value::float(f64::NAN));
+    }
+
+    #[test]
+    fn arrow_types_map_to_definition_types() {
+        assert_eq!(ValueType::of_arrow(&DataType::Utf8View), Some(ValueType::String));
+        assert_eq!(ValueType::of_arrow(&DataType::Int32), Some(ValueType::Int64));
+        assert_eq!(ValueType::of_arrow(&DataType::Timestamp(TimeUnit::Nanosecond, None)), Some(ValueType::Timestamp));
+        assert_eq!(ValueType::of_arrow(&DataType::UInt64), None);
+        assert_eq!(ValueType::parse("float64"), Some(ValueType::Float64));
+        assert_eq!(ValueType::parse("double"), None);
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check and test of lockstep, as CI does: formatting, clippy with warnings as errors,
+# and the whole test suite. A persistent CARGO_TARGET_DIR outside the clone makes repeat runs fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockstep/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "rustfmt"
+cargo fmt --all --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo test --workspace --locked

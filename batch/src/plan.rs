@@ -137,9 +137,13 @@ impl QueryPlanner for LockstepQueryPlanner {
         logical_plan: &LogicalPlan,
         session: &dyn datafusion::catalog::Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(FeatureWindowPlanner)])
-            .create_physical_plan(logical_plan, session)
-            .await
+        // Delta's own nodes (its write path wraps the input plan in them) plan alongside ours.
+        DefaultPhysicalPlanner::with_extension_planners(vec![
+            Arc::new(FeatureWindowPlanner),
+            deltalake::delta_datafusion::planner::DeltaExtensionPlanner::new(),
+        ])
+        .create_physical_plan(logical_plan, session)
+        .await
     }
 }
 

@@ -50,6 +50,9 @@ async fn read_parquet(ctx: &SessionContext, path: &str) -> Result<DataFrame, Bat
     } else {
         ListingTableUrl::parse(path).map_err(|e| input(e.to_string()))?
     };
+    if local && !path.contains(['*', '?', '[']) {
+        check_parquet_files(std::path::Path::new(path)).map_err(input)?;
+    }
     let state: SessionState = ctx.state();
     let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let schema = options
@@ -59,6 +62,50 @@ async fn read_parquet(ctx: &SessionContext, path: &str) -> Result<DataFrame, Bat
     let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
     let table = ListingTable::try_new(config).map_err(|e| input(e.to_string()))?;
     ctx.read_table(Arc::new(table)).map_err(|e| input(e.to_string()))
+}
+
+/// Checks the framing of local Parquet files (magic bytes and footer length) before DataFusion
+/// reads them, so a truncated or foreign file gets a clear message naming it.
+fn check_parquet_files(path: &std::path::Path) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut files = Vec::new();
+        let mut pending = vec![path.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+                let entry = entry.map_err(|e| e.to_string())?.path();
+                if entry.is_dir() {
+                    pending.push(entry);
+                } else if entry.extension().is_some_and(|e| e == "parquet") {
+                    files.push(entry);
+                }
+            }
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for file in files {
+        let corrupt = |why: &str| format!("{} is not a readable Parquet file ({why})", file.display());
+        let mut handle = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let size = handle.metadata().map_err(|e| e.to_string())?.len();
+        if size < 12 {
+            return Err(corrupt("too short"));
+        }
+        let mut head = [0u8; 4];
+        let mut tail = [0u8; 8];
+        handle.read_exact(&mut head).map_err(|e| e.to_string())?;
+        handle.seek(SeekFrom::End(-8)).map_err(|e| e.to_string())?;
+        handle.read_exact(&mut tail).map_err(|e| e.to_string())?;
+        if &head != b"PAR1" || &tail[4..] != b"PAR1" {
+            return Err(corrupt("no PAR1 magic bytes"));
+        }
+        let footer = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
+        if footer + 12 > size {
+            return Err(corrupt("footer length exceeds the file"));
+        }
+    }
+    Ok(())
 }
 
 async fn read_delta(ctx: &SessionContext, path: &str) -> Result<DataFrame, BatchError> {

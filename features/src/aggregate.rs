@@ -323,6 +323,10 @@ fn ordered_wins(function: Function, candidate: &(i64, Value), current: &(i64, Va
 
 /// Sample variance from a count and exact Σx, Σx²; `None` for fewer than two values.
 ///
+/// NaN when any value is NaN or infinite, or when a square overflows the double range
+/// (|x| ≥ 2⁵¹²), as the textbook formula gives in IEEE arithmetic. Squares of values below 2⁻⁵¹¹
+/// lose bits to underflow, so such variances are accurate to about 1e-300 absolute.
+///
 /// Σ(x − m)² = Σx² − 2mΣx + n·m² holds for any m; with m = round(Σx)/n and every product added
 /// as an exact two-product, the only rounding before the final one is Σx's tail beyond a
 /// double-double (relative 2⁻¹⁰⁶), so the result is accurate and — the point — a function of the
@@ -348,6 +352,12 @@ fn sample_variance(n: i64, s1: &ExactSum, s2: &ExactSum) -> Option<f64> {
     let mean_sq_err = mean.mul_add(mean, -mean_sq);
     m2.add_product(count, mean_sq);
     m2.add_product(count, mean_sq_err);
+    // Σ(x − m)² exceeds Σ(x − x̄)² by n·(x̄ − m)² = r²/n with r = Σx − n·m (exact, tiny): without
+    // this, identical values would get a variance of a few ulps² instead of zero.
+    let mut residual = s1.clone();
+    residual.add_product(-count, mean);
+    let residual = residual.to_f64();
+    m2.add_product(-residual, residual / count);
     Some(m2.to_f64().max(0.0) / (count - 1.0))
 }
 

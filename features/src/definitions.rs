@@ -172,17 +172,24 @@ impl Definitions {
 
     /// Parses definitions from text; `file` names it in messages, `base` resolves relative paths.
     pub fn parse(file: &str, text: &str, base: &Path) -> Result<Self, DefinitionErrors> {
-        let mut parser = Parser { file: file.to_string(), base: base.to_path_buf(), errors: Vec::new() };
+        let mut parser =
+            Parser { file: file.to_string(), base: base.to_path_buf(), errors: Vec::new(), broken_sources: Vec::new() };
         let root =
             marked_yaml::parse_yaml_with_options(0, text, LoaderOptions::default().error_on_duplicate_keys(true))
                 .map_err(|e| DefinitionErrors(vec![parser.load_error(e)]))?;
         let definitions = parser.definitions(&root);
         if parser.errors.is_empty() {
-            Ok(definitions)
-        } else {
-            parser.errors.sort_by_key(|e| (e.position.line, e.position.column));
-            Err(DefinitionErrors(parser.errors))
+            return Ok(definitions);
         }
+        // Also check the expressions of the feature sets that did parse, so that one run of
+        // `validate` reports every problem in the file.
+        for feature in definitions.features.iter().filter(|f| !parser.broken_sources.contains(&f.source)) {
+            if let Err(DefinitionErrors(mut errors)) = crate::compile::compile_feature(&definitions, feature) {
+                parser.errors.append(&mut errors);
+            }
+        }
+        parser.errors.sort_by_key(|e| (e.position.line, e.position.column));
+        Err(DefinitionErrors(parser.errors))
     }
 
     /// The source a feature set reads.
@@ -204,6 +211,9 @@ struct Parser {
     file: String,
     base: PathBuf,
     errors: Vec<DefinitionError>,
+    /// Sources with errors of their own: their feature sets' expressions are not checked, since
+    /// every reference to a broken column would only repeat the source's error.
+    broken_sources: Vec<String>,
 }
 
 impl Parser {
@@ -369,6 +379,15 @@ impl Parser {
     }
 
     fn source(&mut self, name: &MarkedScalarNode, node: &Node) -> Option<Source> {
+        let errors_before = self.errors.len();
+        let source = self.source_fields(name, node);
+        if self.errors.len() > errors_before {
+            self.broken_sources.push(name.as_str().to_string());
+        }
+        source
+    }
+
+    fn source_fields(&mut self, name: &MarkedScalarNode, node: &Node) -> Option<Source> {
         let what = format!("source `{}`", name.as_str());
         let map = self.mapping(node, &what)?;
         self.check_keys(
@@ -398,7 +417,15 @@ impl Parser {
                     Some(t) => schema.push((column.as_str().to_string(), t)),
                     None => {
                         let names: Vec<&str> = ValueType::ALL.iter().map(|t| t.name()).collect();
-                        let help = match closest(type_name.as_str(), names.iter().copied()) {
+                        let synonym = match type_name.as_str().to_ascii_lowercase().as_str() {
+                            "double" | "float" | "float32" | "real" | "decimal" => Some("float64"),
+                            "int" | "integer" | "long" | "bigint" | "int32" => Some("int64"),
+                            "str" | "text" | "varchar" | "utf8" => Some("string"),
+                            "boolean" => Some("bool"),
+                            "datetime" | "date" | "time" => Some("timestamp"),
+                            _ => None,
+                        };
+                        let help = match synonym.or_else(|| closest(type_name.as_str(), names.iter().copied())) {
                             Some(near) => format!("did you mean `{near}`? types are: {}", names.join(" | ")),
                             None => format!("types are: {}", names.join(" | ")),
                         };

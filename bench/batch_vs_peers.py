@@ -35,6 +35,7 @@ def agreement(lockstep_out: str, peer_out: str, peer: str) -> str:
     import duckdb
 
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     row = con.execute(
         f"""
         WITH l AS (SELECT user_id, epoch_ms(window_start) AS ws, * EXCLUDE (user_id, window_start) FROM read_parquet('{lockstep_out}')),

@@ -34,7 +34,7 @@ def polars_run(events: str, out: str) -> None:
             pl.len().alias("tx_count"),
             pl.col("amount").sum().alias("total_amount"),
             pl.col("amount").mean().alias("avg_amount"),
-            pl.col("amount").max().alias("max_amount"),
+            pl.col("amount").nan_max().alias("max_amount"),  # SQL order: NaN above every number
             pl.col("merchant_id").drop_nulls().n_unique().alias("unique_merchants"),
             (pl.col("event_type") == "purchase").sum().cast(pl.Int64).alias("purchases"),
         )
@@ -49,6 +49,7 @@ def duckdb_run(events: str, out: str) -> None:
 
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
     con.execute(
         f"""
         COPY (

@@ -249,18 +249,19 @@ impl RowSink {
         }
     }
 
-    fn append(&mut self, key: &OwnedRow, row: WindowRow<'_>, feature: &str) -> Result<()> {
-        if self.keys.last() != Some(key) {
-            self.keys.push(key.clone());
-        }
+    /// Output rows that follow are for `key` (called when the key changes).
+    fn begin_key(&mut self, key: &OwnedRow) {
+        self.keys.push(key.clone());
+    }
+
+    fn append(&mut self, row: WindowRow<'_>, feature: &str) -> Result<()> {
         for (i, spec) in self.specs.iter().enumerate() {
-            let value = row.states.evaluate(i, spec).map_err(|e| {
+            row.states.emit(i, spec, &mut self.values[i]).map_err(|e| {
                 DataFusionError::Execution(format!(
                     "feature set `{feature}`, window starting {}: {e}",
                     format_time(row.start)
                 ))
             })?;
-            self.values[i].append(value);
         }
         self.key_of_row.append_value((self.keys.len() - 1) as u32);
         self.starts.append_value(row.start);
@@ -374,22 +375,23 @@ impl StageState {
             let time = times.value(row);
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
-                if let Some(previous) = self.key.take() {
-                    finish_key(&mut self.assembler, &mut self.sink, &previous, &feature)?;
+                if self.key.take().is_some() {
+                    finish_key(&mut self.assembler, &mut self.sink, &feature)?;
                 }
-                self.key = Some(key.owned());
+                let owned = key.owned();
+                self.sink.begin_key(&owned);
+                self.key = Some(owned);
             }
-            let current = self.key.as_ref().expect("set above");
             let states: &mut Vec<Partial> = match &mut self.assembler {
                 Assembler::Panes { slider, panes, open } => {
                     let pane = panes.pane_of(time);
                     if open.as_ref().is_some_and(|(p, _)| *p != pane) {
                         let (p, states) = open.take().expect("checked above");
-                        slider.push(p, states, &mut |w| self.sink.append(current, w, &feature))?;
+                        slider.push(p, states, &mut |w| self.sink.append(w, &feature))?;
                     }
                     &mut open.get_or_insert_with(|| (pane, specs.iter().map(Partial::empty).collect())).1
                 }
-                Assembler::Sessions(builder) => builder.at(time, &mut |w| self.sink.append(current, w, &feature))?,
+                Assembler::Sessions(builder) => builder.at(time, &mut |w| self.sink.append(w, &feature))?,
             };
             for (i, state) in states.iter_mut().enumerate() {
                 if masks[i].is_some_and(|m| !m.value(row)) {
@@ -409,9 +411,9 @@ impl StageState {
     }
 
     fn finish(&mut self) -> Result<()> {
-        if let Some(previous) = self.key.take() {
+        if self.key.take().is_some() {
             let feature = self.stage.feature.clone();
-            finish_key(&mut self.assembler, &mut self.sink, &previous, &feature)?;
+            finish_key(&mut self.assembler, &mut self.sink, &feature)?;
         }
         self.flush()?;
         self.done = true;
@@ -434,8 +436,8 @@ fn flush(
     Ok(())
 }
 
-fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, key: &OwnedRow, feature: &str) -> Result<()> {
-    let mut emit = |w: WindowRow<'_>| sink.append(key, w, feature);
+fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, feature: &str) -> Result<()> {
+    let mut emit = |w: WindowRow<'_>| sink.append(w, feature);
     match assembler {
         Assembler::Panes { slider, open, .. } => {
             if let Some((p, states)) = open.take() {

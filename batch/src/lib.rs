@@ -117,7 +117,7 @@ impl BatchJob {
         let mut metadata = serde_json::Map::new();
         metadata.insert("lockstep.feature".into(), self.feature.feature.name.clone().into());
         metadata.insert("lockstep.history".into(), self.history.url().into());
-        target.write(&ctx.state(), frame, metadata).await?;
+        target.write(&ctx.state(), frame, &self.feature.feature.key, metadata).await?;
         Ok(BatchSummary {
             events: self.counters.events.load(Ordering::Relaxed),
             null_times: self.counters.null_times.load(Ordering::Relaxed),

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use datafusion::common::config::{ParquetColumnOptions, TableParquetOptions};
 use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::execution::SessionState;
 use deltalake::protocol::SaveMode;
@@ -78,16 +79,18 @@ impl OutputTarget {
         }
     }
 
-    /// Runs `frame` and writes its rows here, replacing what was there.
+    /// Runs `frame` and writes its rows here, replacing what was there. `keys` name the key
+    /// columns (dictionary-encoded in Parquet; window bounds and values are mostly distinct).
     pub async fn write(
         &self,
         state: &SessionState,
         frame: DataFrame,
+        keys: &[String],
         commit_metadata: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), BatchError> {
         match self {
-            OutputTarget::ParquetFile(url) => write_parquet(frame, url, true).await,
-            OutputTarget::ParquetFolder(url) => write_parquet(frame, url, false).await,
+            OutputTarget::ParquetFile(url) => write_parquet(frame, url, true, keys).await,
+            OutputTarget::ParquetFolder(url) => write_parquet(frame, url, false, keys).await,
             OutputTarget::Delta(url) => write_delta(state, frame, url, commit_metadata).await,
         }
     }
@@ -112,7 +115,19 @@ fn staging_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.lockstep-{}.tmp", std::process::id()))
 }
 
-async fn write_parquet(frame: DataFrame, url: &str, single_file: bool) -> Result<(), BatchError> {
+/// Parquet settings for feature rows: zstd level 1, dictionaries only for key columns.
+fn parquet_options(keys: &[String]) -> TableParquetOptions {
+    let mut options = TableParquetOptions::default();
+    options.global.compression = Some("zstd(1)".into());
+    options.global.dictionary_enabled = Some(false);
+    for key in keys {
+        let column = ParquetColumnOptions { dictionary_enabled: Some(true), ..ParquetColumnOptions::default() };
+        options.column_specific_options.insert(key.clone(), column);
+    }
+    options
+}
+
+async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[String]) -> Result<(), BatchError> {
     let target = local_path(url)?;
     let failed = |message: String| BatchError::Output { location: url.into(), message };
     if let Some(parent) = target.parent() {
@@ -128,7 +143,7 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool) -> Result
         format!("{}/", staging.display())
     };
     let options = DataFrameWriteOptions::new().with_single_file_output(single_file);
-    let result = frame.write_parquet(&staging_text, options, None).await;
+    let result = frame.write_parquet(&staging_text, options, Some(parquet_options(keys))).await;
     let staged = PathBuf::from(staging_text.trim_end_matches('/'));
     if let Err(error) = result {
         let _ = std::fs::remove_file(&staged);

@@ -123,6 +123,13 @@ pub enum AggregateError {
     SumOverflow { name: String, value: i128 },
 }
 
+impl AggregateError {
+    #[cold]
+    fn overflow(spec: &AggregateSpec, value: i128) -> Self {
+        AggregateError::SumOverflow { name: spec.name.clone(), value }
+    }
+}
+
 /// The partial state of one aggregate over some events (a pane, a window, a session).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Partial {
@@ -289,29 +296,57 @@ impl Partial {
 
     /// The final value.
     pub fn evaluate(&self, spec: &AggregateSpec) -> Result<Output, AggregateError> {
-        Ok(match self {
-            Partial::Count(n) => Output::Int(*n),
-            Partial::IntSum { n: 0, .. } | Partial::FloatSum { n: 0, .. } => Output::Null,
+        let mut output = Output::Null;
+        self.emit(spec, &mut output)?;
+        Ok(output)
+    }
+
+    /// Writes the final value to `sink` (an output column, or an [`Output`]).
+    pub fn emit(&self, spec: &AggregateSpec, sink: &mut impl ValueSink) -> Result<(), AggregateError> {
+        match self {
+            Partial::Count(n) => sink.int(*n),
+            Partial::IntSum { n: 0, .. } | Partial::FloatSum { n: 0, .. } => sink.null(),
             Partial::IntSum { sum, n } => match spec.function {
-                Function::Avg => Output::Float(*sum as f64 / *n as f64),
-                _ => Output::Int(
-                    i64::try_from(*sum)
-                        .map_err(|_| AggregateError::SumOverflow { name: spec.name.clone(), value: *sum })?,
-                ),
+                Function::Avg => sink.float(*sum as f64 / *n as f64),
+                _ => sink.int(i64::try_from(*sum).map_err(|_| AggregateError::overflow(spec, *sum))?),
             },
             Partial::FloatSum { sum, n } => match spec.function {
-                Function::Avg => Output::Float(sum.to_f64() / *n as f64),
-                _ => Output::Float(sum.to_f64()),
+                Function::Avg => sink.float(sum.to_f64() / *n as f64),
+                _ => sink.float(sum.to_f64()),
             },
             Partial::Moments { n, s1, s2 } => match sample_variance(*n, s1, s2) {
-                None => Output::Null,
-                Some(var) if spec.function == Function::Stddev => Output::Float(var.sqrt()),
-                Some(var) => Output::Float(var),
+                None => sink.null(),
+                Some(var) if spec.function == Function::Stddev => sink.float(var.sqrt()),
+                Some(var) => sink.float(var),
             },
-            Partial::Extreme(value) => value.clone().map_or(Output::Null, Output::Value),
-            Partial::Ordered(entry) => entry.as_ref().map_or(Output::Null, |(_, value)| Output::Value(value.clone())),
-            Partial::Distinct(values) => Output::Int(values.len() as i64),
-        })
+            Partial::Extreme(Some(value)) | Partial::Ordered(Some((_, value))) => sink.value(value),
+            Partial::Extreme(None) | Partial::Ordered(None) => sink.null(),
+            Partial::Distinct(values) => sink.int(values.len() as i64),
+        }
+        Ok(())
+    }
+}
+
+/// Where final values go: typed output columns in the jobs, a single [`Output`] in tests.
+pub trait ValueSink {
+    fn int(&mut self, value: i64);
+    fn float(&mut self, value: f64);
+    fn value(&mut self, value: &Value);
+    fn null(&mut self);
+}
+
+impl ValueSink for Output {
+    fn int(&mut self, value: i64) {
+        *self = Output::Int(value);
+    }
+    fn float(&mut self, value: f64) {
+        *self = Output::Float(value);
+    }
+    fn value(&mut self, value: &Value) {
+        *self = Output::Value(value.clone());
+    }
+    fn null(&mut self) {
+        *self = Output::Null;
     }
 }
 
@@ -415,11 +450,21 @@ impl Sliding {
 
     /// The window's final value.
     pub fn evaluate(&self, spec: &AggregateSpec) -> Result<Output, AggregateError> {
+        let mut output = Output::Null;
+        self.emit(spec, &mut output)?;
+        Ok(output)
+    }
+
+    /// Writes the window's final value to `sink`.
+    pub fn emit(&self, spec: &AggregateSpec, sink: &mut impl ValueSink) -> Result<(), AggregateError> {
         match self {
-            Sliding::Invertible(window) => window.evaluate(spec),
+            Sliding::Invertible(window) => window.emit(spec, sink),
             Sliding::Monotonic(deque) => match deque.front() {
-                Some((_, state)) => state.evaluate(spec),
-                None => Ok(Output::Null),
+                Some((_, state)) => state.emit(spec, sink),
+                None => {
+                    sink.null();
+                    Ok(())
+                }
             },
         }
     }

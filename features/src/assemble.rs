@@ -29,6 +29,19 @@ pub enum WindowStates<'a> {
 }
 
 impl WindowStates<'_> {
+    /// Writes the final value of aggregate `i` to `sink`.
+    pub fn emit(
+        &self,
+        i: usize,
+        spec: &AggregateSpec,
+        sink: &mut impl crate::aggregate::ValueSink,
+    ) -> Result<(), crate::aggregate::AggregateError> {
+        match self {
+            WindowStates::Sliding(states) => states[i].emit(spec, sink),
+            WindowStates::Merged(states) => states[i].emit(spec, sink),
+        }
+    }
+
     /// The final value of aggregate `i`.
     pub fn evaluate(
         &self,

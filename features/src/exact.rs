@@ -209,6 +209,12 @@ impl ExactSum {
         if self.neg_inf != 0 {
             return f64::NEG_INFINITY;
         }
+        if self.lo > self.hi {
+            return 0.0;
+        }
+        if let Some(value) = self.round_narrow() {
+            return value;
+        }
         let mut magnitude = self.clone();
         magnitude.nan = 0;
         magnitude.propagate_carries();
@@ -226,6 +232,27 @@ impl ExactSum {
         }
         let value = magnitude.round_positive();
         if negative { -value } else { value }
+    }
+
+    /// The common case, without carry propagation: when at most three limbs are in use and they
+    /// sit high enough that the result is a normal double, the value is an i128 (each limb is
+    /// below 2⁶² in magnitude, so three fit) times a power of two. Converting the i128 rounds
+    /// once, to nearest even; scaling by a power of two is then exact.
+    fn round_narrow(&self) -> Option<f64> {
+        if self.hi - self.lo > 2 || self.lo < 2 {
+            return None;
+        }
+        let mut total: i128 = 0;
+        for limb in (self.lo..=self.hi).rev() {
+            total = (total << DIGIT_BITS) + self.limbs[limb] as i128;
+        }
+        if total == 0 {
+            return Some(0.0);
+        }
+        // Units of 2^(32·lo − 1074); lo ≥ 2 keeps the scale at or above 2^-1010 (normal).
+        let exponent = (self.lo as i32) * DIGIT_BITS as i32 - 1074;
+        let scale = if exponent <= 1023 { f64::from_bits(((exponent + 1023) as u64) << 52) } else { return None };
+        Some(total as f64 * scale)
     }
 
     /// Rounds a normalized, non-negative, non-zero magnitude.
@@ -323,60 +350,10 @@ impl ExactSum {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lockstep_fixtures::reference::{round_units, units};
     use num_bigint::BigInt;
-    use num_traits::{Signed, Zero};
+    use num_traits::Zero;
     use proptest::prelude::*;
-
-    /// The exact value of a finite double as an integer count of 2^-1074.
-    fn units(x: f64) -> BigInt {
-        let bits = x.to_bits();
-        let exponent = ((bits >> 52) & 0x7ff) as u32;
-        let fraction = bits & ((1u64 << 52) - 1);
-        let (mantissa, shift) = if exponent == 0 { (fraction, 0) } else { (fraction | (1u64 << 52), exponent - 1) };
-        let magnitude = BigInt::from(mantissa) << shift;
-        if x < 0.0 { -magnitude } else { magnitude }
-    }
-
-    /// Reference rounding: the double nearest to `total · 2^-1074`, ties to even, by search.
-    fn round_reference(total: &BigInt) -> f64 {
-        if total.is_zero() {
-            return 0.0;
-        }
-        let negative = total.is_negative();
-        let magnitude = total.abs();
-        // Halfway between f64::MAX and 2^1024 (one ulp of f64::MAX is 2^971 = 2^2045 units) rounds
-        // to infinity, since f64::MAX has an odd mantissa.
-        let half_ulp_max = BigInt::from(1u64) << 2044usize;
-        if magnitude >= units(f64::MAX) + half_ulp_max {
-            return if negative { f64::NEG_INFINITY } else { f64::INFINITY };
-        }
-        // Binary search over the bit patterns of positive doubles (they are ordered like the values).
-        let (mut low, mut high) = (0u64, f64::MAX.to_bits());
-        while low < high {
-            let mid = low + (high - low).div_ceil(2);
-            if units(f64::from_bits(mid)) <= magnitude { low = mid } else { high = mid - 1 }
-        }
-        let below = f64::from_bits(low);
-        let result = if units(below) == magnitude || low == f64::MAX.to_bits() {
-            below
-        } else {
-            let above = f64::from_bits(low + 1);
-            let to_below = &magnitude - units(below);
-            let to_above = units(above) - &magnitude;
-            match to_below.cmp(&to_above) {
-                std::cmp::Ordering::Less => below,
-                std::cmp::Ordering::Greater => above,
-                std::cmp::Ordering::Equal => {
-                    if low % 2 == 0 {
-                        below
-                    } else {
-                        above
-                    }
-                }
-            }
-        };
-        if negative { -result } else { result }
-    }
 
     fn exact(values: &[f64]) -> f64 {
         let mut sum = ExactSum::new();
@@ -385,7 +362,7 @@ mod tests {
     }
 
     fn reference(values: &[f64]) -> f64 {
-        round_reference(&values.iter().map(|&v| units(v)).sum())
+        round_units(&values.iter().map(|&v| units(v)).sum())
     }
 
     #[test]
@@ -494,7 +471,7 @@ mod tests {
             let mut sum = ExactSum::new();
             sum.add_product(a, b);
             let expected = product >> 1074usize;
-            prop_assert_eq!(sum.to_f64().to_bits(), round_reference(&expected).to_bits());
+            prop_assert_eq!(sum.to_f64().to_bits(), round_units(&expected).to_bits());
         }
     }
 }

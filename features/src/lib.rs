@@ -13,7 +13,7 @@ pub mod exact;
 pub mod value;
 pub mod window;
 
-pub use aggregate::{AggregateError, AggregateSpec, Function, Partial, Sliding};
+pub use aggregate::{AggregateError, AggregateSpec, Function, Partial, Sliding, ValueSink};
 pub use compile::{CompiledAggregate, CompiledFeature, StageLayout, compile_all, compile_feature};
 pub use definitions::{DefinitionError, DefinitionErrors, Definitions, FeatureSet, Location, Source};
 pub use duration::Duration;

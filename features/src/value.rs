@@ -11,6 +11,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, TimeUnit};
 
+use crate::aggregate::ValueSink;
+
 /// A column type in a definitions file: `string | int64 | float64 | bool | timestamp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ValueType {
@@ -242,7 +244,7 @@ pub enum Output {
     Value(Value),
 }
 
-/// Builds one output column of a given type from [`Output`] values.
+/// Builds one output column of a given type; aggregates write to it as a [`ValueSink`].
 pub enum OutputColumn {
     Bool(BooleanBuilder),
     Int(Int64Builder),
@@ -265,30 +267,6 @@ impl OutputColumn {
         }
     }
 
-    /// Appends one value; the aggregate's output type guarantees the variants match.
-    pub fn append(&mut self, value: Output) {
-        match (self, value) {
-            (OutputColumn::Int(b), Output::Int(v)) => b.append_value(v),
-            (OutputColumn::Float(b), Output::Float(v)) => b.append_value(v),
-            (OutputColumn::Bool(b), Output::Value(Value::Bool(v))) => b.append_value(v),
-            (OutputColumn::Int(b), Output::Value(Value::Int(v))) => b.append_value(v),
-            (OutputColumn::Float(b), Output::Value(Value::Float(v))) => b.append_value(v),
-            (OutputColumn::Str(b), Output::Value(Value::Str(v))) => b.append_value(v),
-            (OutputColumn::Time(b), Output::Value(Value::Time(v))) => b.append_value(v),
-            (column, _) => column.append_null(),
-        }
-    }
-
-    fn append_null(&mut self) {
-        match self {
-            OutputColumn::Bool(b) => b.append_null(),
-            OutputColumn::Int(b) => b.append_null(),
-            OutputColumn::Float(b) => b.append_null(),
-            OutputColumn::Str(b) => b.append_null(),
-            OutputColumn::Time(b) => b.append_null(),
-        }
-    }
-
     /// The finished Arrow array.
     pub fn finish(&mut self) -> ArrayRef {
         match self {
@@ -297,6 +275,44 @@ impl OutputColumn {
             OutputColumn::Float(b) => Arc::new(b.finish()),
             OutputColumn::Str(b) => Arc::new(b.finish()),
             OutputColumn::Time(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+impl ValueSink for OutputColumn {
+    fn int(&mut self, value: i64) {
+        match self {
+            OutputColumn::Int(b) => b.append_value(value),
+            other => other.null(),
+        }
+    }
+
+    fn float(&mut self, value: f64) {
+        match self {
+            OutputColumn::Float(b) => b.append_value(value),
+            other => other.null(),
+        }
+    }
+
+    fn value(&mut self, value: &Value) {
+        match (self, value) {
+            (OutputColumn::Bool(b), Value::Bool(v)) => b.append_value(*v),
+            (OutputColumn::Int(b), Value::Int(v)) => b.append_value(*v),
+            (OutputColumn::Float(b), Value::Float(v)) => b.append_value(*v),
+            (OutputColumn::Str(b), Value::Str(v)) => b.append_value(v),
+            (OutputColumn::Time(b), Value::Time(v)) => b.append_value(*v),
+            // The aggregate's output type matches its values; anything else is a null.
+            (column, _) => column.null(),
+        }
+    }
+
+    fn null(&mut self) {
+        match self {
+            OutputColumn::Bool(b) => b.append_null(),
+            OutputColumn::Int(b) => b.append_null(),
+            OutputColumn::Float(b) => b.append_null(),
+            OutputColumn::Str(b) => b.append_null(),
+            OutputColumn::Time(b) => b.append_null(),
         }
     }
 }

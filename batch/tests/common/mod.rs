@@ -15,8 +15,9 @@ use arrow::datatypes::{
 };
 use lockstep_batch::{BatchJob, SessionLimits};
 use lockstep_features::{Definitions, Location, compile_feature};
+use lockstep_fixtures::reference::{round_units, units};
 use num_bigint::BigInt;
-use num_traits::{Signed, ToPrimitive, Zero};
+use num_traits::{ToPrimitive, Zero};
 
 /// One event as the reference sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -278,50 +279,6 @@ fn float_order(a: f64, b: f64) -> std::cmp::Ordering {
 
 fn canonical(x: f64) -> f64 {
     if x.is_nan() { f64::NAN } else { x }
-}
-
-/// The exact value of a finite double in units of 2^-1074.
-fn units(x: f64) -> BigInt {
-    let bits = x.to_bits();
-    let exponent = ((bits >> 52) & 0x7ff) as u32;
-    let fraction = bits & ((1u64 << 52) - 1);
-    let (mantissa, shift) = if exponent == 0 { (fraction, 0) } else { (fraction | (1u64 << 52), exponent - 1) };
-    let magnitude = BigInt::from(mantissa) << shift;
-    if x < 0.0 { -magnitude } else { magnitude }
-}
-
-/// The double nearest to `total · 2^-1074`, ties to even, found by bisection over bit patterns.
-fn round_units(total: &BigInt) -> f64 {
-    if total.is_zero() {
-        return 0.0;
-    }
-    let magnitude = total.abs();
-    if magnitude >= units(f64::MAX) + (BigInt::from(1u8) << 2044usize) {
-        return if total.is_negative() { f64::NEG_INFINITY } else { f64::INFINITY };
-    }
-    let (mut low, mut high) = (0u64, f64::MAX.to_bits());
-    while low < high {
-        let mid = low + (high - low).div_ceil(2);
-        if units(f64::from_bits(mid)) <= magnitude { low = mid } else { high = mid - 1 }
-    }
-    let below = f64::from_bits(low);
-    let value = if units(below) == magnitude || low == f64::MAX.to_bits() {
-        below
-    } else {
-        let above = f64::from_bits(low + 1);
-        match (&magnitude - units(below)).cmp(&(units(above) - &magnitude)) {
-            std::cmp::Ordering::Less => below,
-            std::cmp::Ordering::Greater => above,
-            std::cmp::Ordering::Equal => {
-                if low % 2 == 0 {
-                    below
-                } else {
-                    above
-                }
-            }
-        }
-    };
-    if total.is_negative() { -value } else { value }
 }
 
 /// SQL sum with IEEE specials and one exact rounding (Python's math.fsum on finite values).

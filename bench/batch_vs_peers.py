@@ -50,7 +50,7 @@ def agreement(lockstep_out: str, peer_out: str, peer: str) -> str:
           count(*) FILTER (WHERE abs(l.total_amount - p.total_amount) > 1e-9 * abs(p.total_amount) + 1e-9
                                  OR abs(l.avg_amount - p.avg_amount) > 1e-9 * abs(p.avg_amount) + 1e-9) AS float_mismatch,
           count(*) FILTER (WHERE l.total_amount <> p.total_amount) AS sum_bits_differ,
-          max(abs(l.total_amount - p.total_amount)) AS max_sum_diff
+          max(abs(l.total_amount - p.total_amount)) FILTER (WHERE NOT isnan(l.total_amount)) AS max_sum_diff
         FROM l FULL OUTER JOIN p ON l.user_id = p.user_id AND l.ws = p.ws
         """
     ).fetchone()

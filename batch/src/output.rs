@@ -115,14 +115,20 @@ fn staging_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.lockstep-{}.tmp", std::process::id()))
 }
 
-/// Parquet settings for feature rows: zstd level 1, dictionaries only for key columns.
+/// Parquet settings for feature rows: Snappy (fast, read everywhere); dictionaries only for key
+/// columns; window bounds delta-encoded (they advance by `every` within a key).
 fn parquet_options(keys: &[String]) -> TableParquetOptions {
     let mut options = TableParquetOptions::default();
-    options.global.compression = Some("zstd(1)".into());
+    options.global.compression = Some("snappy".into());
     options.global.dictionary_enabled = Some(false);
     for key in keys {
         let column = ParquetColumnOptions { dictionary_enabled: Some(true), ..ParquetColumnOptions::default() };
         options.column_specific_options.insert(key.clone(), column);
+    }
+    for bound in ["window_start", "window_end"] {
+        let column =
+            ParquetColumnOptions { encoding: Some("delta_binary_packed".into()), ..ParquetColumnOptions::default() };
+        options.column_specific_options.insert(bound.into(), column);
     }
     options
 }

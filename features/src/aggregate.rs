@@ -255,7 +255,13 @@ impl Partial {
             }
             (Partial::Distinct(values), Partial::Distinct(other)) => {
                 for (value, count) in other {
-                    *values.entry(value.clone()).or_insert(0) += count;
+                    // Clone a value only when it is new to this state.
+                    match values.get_mut(value) {
+                        Some(held) => *held += count,
+                        None => {
+                            values.insert(value.clone(), *count);
+                        }
+                    }
                 }
             }
             _ => {}

@@ -1,1 +1,7 @@
-//! The streaming job: consumes a source topic from Kafka, runs the shared window and aggregate kernels of `lockstep-features`, and commits output, state and offsets in one transaction.
+//! The streaming job: consumes a source topic from Kafka, runs the shared window and aggregate
+//! kernels of `lockstep-features`, and commits output, state and offsets in one transaction.
+//!
+//! So far: [`rules`], the pure decisions of SPEC §4 (watermarks, lateness, firing, release).
+//! The Kafka runtime, state changelog and replay source are being built on top of them.
+
+pub mod rules;

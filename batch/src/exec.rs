@@ -76,13 +76,9 @@ impl WindowStage {
 
     /// One line describing the stage, for plans.
     pub fn describe(&self) -> String {
-        let window = match self.window {
-            Window::Sliding { size, every, offset } if size == every => format!("tumbling {size} offset {offset}"),
-            Window::Sliding { size, every, offset } => format!(
-                "sliding {size} every {every} offset {offset} ({} panes per window)",
-                size.millis() / every.millis()
-            ),
-            Window::Session { gap } => format!("session gap {gap}"),
+        let window = match self.window.panes() {
+            Some(panes) if panes.per_window > 1 => format!("{} ({} panes per window)", self.window, panes.per_window),
+            _ => self.window.to_string(),
         };
         let aggregates: Vec<String> =
             self.specs.iter().map(|s| format!("{}={}", s.name, s.function.sql_name())).collect();
@@ -294,12 +290,8 @@ impl RowSink {
     }
 }
 
-fn format_time(millis: i64) -> String {
-    chrono_like(millis)
-}
-
 /// ISO-8601 text of a millisecond timestamp, for messages.
-fn chrono_like(millis: i64) -> String {
+fn format_time(millis: i64) -> String {
     arrow::temporal_conversions::timestamp_ms_to_datetime(millis)
         .map_or_else(|| format!("{millis}ms"), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }

@@ -166,24 +166,11 @@ fn validate(file: &Path) -> Result<ExitCode> {
             feature.feature.name,
             feature.source.name,
             feature.feature.key.join(", "),
-            describe_window(feature.window()),
+            feature.window(),
             names.join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn describe_window(window: lockstep_features::Window) -> String {
-    use lockstep_features::Window;
-    match window {
-        Window::Sliding { size, every, offset } if size == every => format!("tumbling {size}{}", offset_text(offset)),
-        Window::Sliding { size, every, offset } => format!("sliding {size} every {every}{}", offset_text(offset)),
-        Window::Session { gap } => format!("session gap {gap}"),
-    }
-}
-
-fn offset_text(offset: lockstep_features::Duration) -> String {
-    if offset.millis() == 0 { String::new() } else { format!(" offset {offset}") }
 }
 
 /// The history location from `--history`, or the source's.

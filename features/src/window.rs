@@ -55,6 +55,22 @@ impl Window {
     }
 }
 
+impl std::fmt::Display for Window {
+    /// `sliding 1h every 1m`, `tumbling 1d offset 2h` or `session gap 30m`, as plans and
+    /// summaries show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Window::Sliding { size, every, .. } if size == every => write!(f, "tumbling {size}")?,
+            Window::Sliding { size, every, .. } => write!(f, "sliding {size} every {every}")?,
+            Window::Session { gap } => return write!(f, "session gap {gap}"),
+        }
+        match *self {
+            Window::Sliding { offset, .. } if offset != Duration::ZERO => write!(f, " offset {offset}"),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The panes of a sliding window: width `every`, `per_window = size / every` panes to a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Panes {
@@ -145,6 +161,13 @@ mod tests {
         assert_eq!(panes.start_of(-1), -60_000);
         assert_eq!(panes.pane_of(-60_000), -1);
         assert_eq!(panes.pane_of(-60_001), -2);
+    }
+
+    #[test]
+    fn displays_as_written() {
+        assert_eq!(Window::sliding(d("1h"), d("1m"), Duration::ZERO).to_string(), "sliding 1h every 1m");
+        assert_eq!(Window::tumbling(d("1d"), d("2h")).to_string(), "tumbling 1d offset 2h");
+        assert_eq!(Window::Session { gap: d("30m") }.to_string(), "session gap 30m");
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub enum BatchError {
 
 impl From<datafusion::error::DataFusionError> for BatchError {
     fn from(error: datafusion::error::DataFusionError) -> Self {
-        BatchError::Execution(error.find_root().message().to_string())
+        let root = error.find_root();
+        let message = root.message().to_string();
+        if matches!(root, datafusion::error::DataFusionError::ResourcesExhausted(_)) {
+            return BatchError::Execution(format!(
+                "{message}; raise --memory-limit (sorts spill to disk beyond it, but the final merge needs about 128MiB)"
+            ));
+        }
+        BatchError::Execution(message)
     }
 }

@@ -13,12 +13,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampMillisecondBuilder, UInt32Builder};
-use arrow::compute::take;
-use arrow::datatypes::{
-    DataType, Int64Type, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType,
-};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use arrow::row::{OwnedRow, RowConverter, SortField};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result};
@@ -34,8 +30,8 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Exe
 use datafusion::physical_plan::{Distribution, Partitioning};
 use futures::StreamExt;
 use lockstep_features::assemble::{PaneSlider, SessionBuilder, WindowRow};
-use lockstep_features::window::to_millis;
-use lockstep_features::{AggregateSpec, ArgColumn, CompiledFeature, OutputColumn, Partial, StageLayout, Window};
+use lockstep_features::rows::RowSink;
+use lockstep_features::{AggregateSpec, CompiledFeature, Partial, StageBatch, StageLayout, Window};
 
 /// Counters shared with the caller for progress and the final summary.
 #[derive(Debug, Default)]
@@ -219,83 +215,6 @@ enum Assembler {
 }
 
 /// Output rows of one batch in the making.
-struct RowSink {
-    specs: Vec<AggregateSpec>,
-    schema: SchemaRef,
-    /// Distinct keys of this batch, and per row the index of its key.
-    keys: Vec<OwnedRow>,
-    key_of_row: UInt32Builder,
-    starts: TimestampMillisecondBuilder,
-    ends: TimestampMillisecondBuilder,
-    values: Vec<OutputColumn>,
-    rows: usize,
-}
-
-impl RowSink {
-    fn new(specs: &[AggregateSpec], schema: SchemaRef, capacity: usize) -> Self {
-        RowSink {
-            specs: specs.to_vec(),
-            schema,
-            keys: Vec::new(),
-            key_of_row: UInt32Builder::with_capacity(capacity),
-            starts: TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
-            ends: TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
-            values: specs.iter().map(|s| OutputColumn::new(s.output, capacity)).collect(),
-            rows: 0,
-        }
-    }
-
-    /// Output rows that follow are for `key` (called when the key changes).
-    fn begin_key(&mut self, key: &OwnedRow) {
-        self.keys.push(key.clone());
-    }
-
-    fn append(&mut self, row: WindowRow<'_>, feature: &str) -> Result<()> {
-        for (i, spec) in self.specs.iter().enumerate() {
-            row.states.emit(i, spec, &mut self.values[i]).map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "feature set `{feature}`, window starting {}: {e}",
-                    format_time(row.start)
-                ))
-            })?;
-        }
-        self.key_of_row.append_value((self.keys.len() - 1) as u32);
-        self.starts.append_value(row.start);
-        self.ends.append_value(row.end);
-        self.rows += 1;
-        Ok(())
-    }
-
-    fn finish(&mut self, converter: &RowConverter) -> Result<Option<RecordBatch>> {
-        if self.rows == 0 {
-            return Ok(None);
-        }
-        let key_columns = converter.convert_rows(self.keys.iter().map(|k| k.row()))?;
-        let indices = self.key_of_row.finish();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        for key in key_columns {
-            columns.push(take(&key, &indices, None)?);
-        }
-        columns.push(Arc::new(self.starts.finish()));
-        columns.push(Arc::new(self.ends.finish()));
-        for value in &mut self.values {
-            columns.push(value.finish());
-        }
-        let last_key = self.keys.pop();
-        self.keys.clear();
-        // The key being assembled may continue in the next batch: keep it first.
-        self.keys.extend(last_key);
-        self.rows = 0;
-        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
-    }
-}
-
-/// ISO-8601 text of a millisecond timestamp, for messages.
-fn format_time(millis: i64) -> String {
-    arrow::temporal_conversions::timestamp_ms_to_datetime(millis)
-        .map_or_else(|| format!("{millis}ms"), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-}
-
 struct StageState {
     stage: WindowStage,
     converter: RowConverter,
@@ -337,34 +256,16 @@ impl StageState {
     fn consume(&mut self, batch: &RecordBatch) -> Result<()> {
         let layout = &self.stage.layout;
         let keys = self.converter.convert_columns(&batch.columns()[..layout.keys])?;
-        let times = millis_of(batch.column(layout.time))?;
-        let args: Vec<Option<ArgColumn<'_>>> = layout
-            .args
-            .iter()
-            .map(|i| {
-                i.map(|i| {
-                    ArgColumn::new(batch.column(i)).ok_or_else(|| {
-                        DataFusionError::Execution(format!(
-                            "aggregate argument of unexpected type {}",
-                            batch.column(i).data_type()
-                        ))
-                    })
-                })
-                .transpose()
-            })
-            .collect::<Result<_>>()?;
-        let masks: Vec<Option<&BooleanArray>> =
-            layout.masks.iter().map(|i| i.map(|i| batch.column(i).as_boolean())).collect();
+        let stage = StageBatch::new(layout, batch)?;
         let feature = self.stage.feature.clone();
         let specs = &self.stage.specs;
         let counters = &self.stage.counters;
         counters.events.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         for row in 0..batch.num_rows() {
-            if times.is_null(row) {
+            let Some(time) = stage.time(row) else {
                 counters.null_times.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
-            let time = times.value(row);
+            };
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
                 if self.key.take().is_some() {
@@ -385,12 +286,7 @@ impl StageState {
                 }
                 Assembler::Sessions(builder) => builder.at(time, &mut |w| self.sink.append(w, &feature))?,
             };
-            for (i, state) in states.iter_mut().enumerate() {
-                if masks[i].is_some_and(|m| !m.value(row)) {
-                    continue;
-                }
-                state.update(specs[i].function, args[i].as_ref(), row, time);
-            }
+            stage.apply(specs, states, row, time);
             if self.sink.rows >= self.batch_size {
                 flush(&mut self.sink, &self.converter, counters, &mut self.ready)?;
             }
@@ -439,28 +335,4 @@ fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, feature: &str) -> R
         }
         Assembler::Sessions(builder) => builder.finish(&mut emit),
     }
-}
-
-/// The event-time column in milliseconds (timestamps of any unit are floored to milliseconds).
-fn millis_of(column: &ArrayRef) -> Result<arrow::array::Int64Array> {
-    use arrow::array::Int64Array;
-    let out: Int64Array = match column.data_type() {
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            column.as_primitive::<TimestampMillisecondType>().reinterpret_cast::<Int64Type>()
-        }
-        DataType::Timestamp(TimeUnit::Microsecond, _) => {
-            column.as_primitive::<TimestampMicrosecondType>().unary(|v| to_millis(v, TimeUnit::Microsecond))
-        }
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
-            column.as_primitive::<TimestampNanosecondType>().unary(|v| to_millis(v, TimeUnit::Nanosecond))
-        }
-        DataType::Timestamp(TimeUnit::Second, _) => {
-            column.as_primitive::<TimestampSecondType>().unary(|v| to_millis(v, TimeUnit::Second))
-        }
-        DataType::Int64 => column.as_primitive::<Int64Type>().clone(),
-        other => {
-            return Err(DataFusionError::Execution(format!("the event time column has type {other}, not a timestamp")));
-        }
-    };
-    Ok(out)
 }

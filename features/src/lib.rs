@@ -6,10 +6,13 @@
 
 pub mod aggregate;
 pub mod assemble;
+pub mod codec;
 pub mod compile;
 pub mod definitions;
 pub mod duration;
 pub mod exact;
+pub mod rows;
+pub mod stage;
 pub mod value;
 pub mod window;
 
@@ -18,5 +21,6 @@ pub use compile::{CompiledAggregate, CompiledFeature, StageLayout, compile_all, 
 pub use definitions::{DefinitionError, DefinitionErrors, Definitions, FeatureSet, Location, Source};
 pub use duration::Duration;
 pub use exact::ExactSum;
+pub use stage::{StageBatch, StageEvaluator};
 pub use value::{ArgColumn, Output, OutputColumn, Value, ValueType};
 pub use window::{Panes, Window};

@@ -4,4 +4,10 @@
 //! So far: [`rules`], the pure decisions of SPEC §4 (watermarks, lateness, firing, release).
 //! The Kafka runtime, state changelog and replay source are being built on top of them.
 
+pub mod collect;
+pub mod engine;
+pub mod error;
+pub mod replay;
 pub mod rules;
+
+pub use error::StreamError;

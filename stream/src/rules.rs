@@ -31,6 +31,11 @@ impl Watermark {
         self.max_event_time.map(|t| t.saturating_sub(self.delay))
     }
 
+    /// The largest event time seen, if any.
+    pub fn max_event_time(&self) -> Option<i64> {
+        self.max_event_time
+    }
+
     /// Takes an event into account *after* it was judged: an event is always judged against the
     /// watermark of the events before it, never its own, so batching never changes a verdict.
     pub fn advance(&mut self, event_time: i64) {

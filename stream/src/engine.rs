@@ -1,0 +1,903 @@
+//! The window engine of one input partition: events in, fired windows, retractions and too-late
+//! events out, by the rules of [`crate::rules`].
+//!
+//! The engine holds, per key, the partial states of its live panes (sliding and tumbling
+//! windows) or sessions, and one timer: the end of its next window to fire, or the time its
+//! oldest state may be released. Events are applied in arrival order, each judged against the
+//! watermark before it; after each event the watermark advances and every window it passed
+//! fires, earliest end first.
+//!
+//! A window fires through a [`Sliding`] state per key that panes enter and leave in order — the
+//! same kernels the batch job slides over panes. A late update to a pane already inside that
+//! state invalidates it; a window that fires again after a late update is merged afresh from
+//! its panes. Both give the same bits, because partial states are exact.
+//!
+//! Every state change can be tracked ([`Engine::take_changes`]) as records of a changelog keyed
+//! by (key, pane or session start), from which [`Engine::restore`] rebuilds an engine that
+//! continues exactly where the first one stopped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
+
+use arrow::array::{Array, BooleanArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::{DataFusionError, Result};
+use lockstep_features::assemble::{WindowRow, WindowStates};
+use lockstep_features::codec::{decode_partial, encode_partial, take, take_i64, take_u8, take_u32};
+use lockstep_features::rows::{RowSink, format_time};
+use lockstep_features::window::continues_session;
+use lockstep_features::{AggregateSpec, CompiledFeature, Panes, Partial, Sliding, StageBatch, StageLayout, Window};
+
+use crate::rules::{Verdict, Watermark, judge, releasable, session_too_late};
+
+/// What a fired window is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The window's watermark passed its end: its first value.
+    Fire,
+    /// A late event within allowed lateness updated a window that had fired.
+    Refire,
+    /// A late event merged this session into another: the row no longer exists.
+    Retract,
+}
+
+/// One output change, in the order the engine made them.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: ChangeKind,
+    /// The key, in the engine's row format ([`Engine::key_columns`] turns it into columns).
+    pub key: OwnedRow,
+    pub start: i64,
+    pub end: i64,
+    /// The row of [`Effects::rows`] holding the values (`None` for a retraction).
+    pub row: Option<usize>,
+    /// The sequence number (input position) of the event that caused the change.
+    pub seq: u64,
+}
+
+/// An event that was too late for some or all of its windows.
+#[derive(Debug, Clone)]
+pub struct LateEvent {
+    /// Index of the event in the batch given to [`Engine::process`].
+    pub row: usize,
+    pub seq: u64,
+    pub key: OwnedRow,
+    pub event_time: i64,
+    pub watermark: i64,
+    /// The windows it was not applied to, as (start, end); empty for a session event.
+    pub windows: Vec<(i64, i64)>,
+    pub reason: String,
+}
+
+/// What one call to the engine produced.
+pub struct Effects {
+    /// Values of fired windows, in the output schema of SPEC §2.
+    pub rows: Option<RecordBatch>,
+    pub changes: Vec<Change>,
+    pub late: Vec<LateEvent>,
+}
+
+/// Running totals of one engine.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineCounters {
+    pub events: u64,
+    pub filtered_out: u64,
+    pub null_times: u64,
+    pub late_applied: u64,
+    pub too_late: u64,
+    pub fired: u64,
+    pub refired: u64,
+    pub retracted: u64,
+}
+
+/// One live session of a key.
+#[derive(Debug, Clone)]
+struct Session {
+    last: i64,
+    /// It fired with its current events.
+    fired: bool,
+    /// A row with this start was emitted before (a later one replaces it).
+    emitted: bool,
+    states: Vec<Partial>,
+}
+
+/// The slider of one key: `window` holds exactly the key's panes in `[cursor, cursor + per - 1]`.
+struct Slider {
+    window: Vec<Sliding>,
+    cursor: i64,
+}
+
+enum KeyState {
+    Panes {
+        panes: BTreeMap<i64, Vec<Partial>>,
+        /// The start pane of the last window that fired; every window holding a pane and starting
+        /// at or before it has fired.
+        fired_through: Option<i64>,
+        slider: Option<Slider>,
+    },
+    Sessions(BTreeMap<i64, Session>),
+}
+
+struct KeyEntry {
+    key: OwnedRow,
+    timer: Option<i64>,
+    state: KeyState,
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Panes(Panes),
+    Sessions { gap: i64 },
+}
+
+/// Changelog record kinds (the second byte of a record key).
+const RECORD_WATERMARK: u8 = 0;
+const RECORD_FIRED_THROUGH: u8 = 1;
+const RECORD_SLOT: u8 = 2;
+/// The first byte of every record key and value; bumped when the format changes.
+const FORMAT: u8 = 1;
+
+/// The engine of one partition; see the module documentation.
+pub struct Engine {
+    feature: String,
+    specs: Vec<AggregateSpec>,
+    layout: StageLayout,
+    output_schema: SchemaRef,
+    shape: Shape,
+    lateness: i64,
+    watermark: Watermark,
+    converter: RowConverter,
+    /// Key ids by the key's row bytes.
+    ids: HashMap<Box<[u8]>, u32>,
+    keys: Vec<Option<KeyEntry>>,
+    free: Vec<u32>,
+    timers: BTreeSet<(i64, u32)>,
+    /// Changelog tracking: touched (key id, slot) pairs, keys whose `fired_through` moved, and
+    /// deleted slots. `None` when the caller does not keep a changelog.
+    tracking: Option<Tracking>,
+    counters: EngineCounters,
+    // Output under construction.
+    sink: RowSink,
+    sink_rows: usize,
+    changes: Vec<Change>,
+    late: Vec<LateEvent>,
+}
+
+#[derive(Default)]
+struct Tracking {
+    slots: HashSet<(u32, i64)>,
+    fired_through: HashSet<u32>,
+    deleted: Vec<(OwnedRow, i64)>,
+    /// Ids freed since the last [`Engine::take_changes`]; reusable only after it.
+    freed: Vec<u32>,
+    watermark_moved: bool,
+}
+
+impl Engine {
+    /// An engine for `feature`, with the source's watermark delay and allowed lateness.
+    /// `track_changes` keeps what [`Engine::take_changes`] returns.
+    pub fn new(feature: &CompiledFeature, track_changes: bool) -> Result<Self> {
+        let shape = match feature.window() {
+            Window::Session { gap } => Shape::Sessions { gap: gap.millis() },
+            sliding => Shape::Panes(
+                sliding.panes().ok_or_else(|| DataFusionError::Internal("sliding window without panes".into()))?,
+            ),
+        };
+        let output_schema = feature.output_schema();
+        let key_fields: Vec<SortField> = output_schema.fields()[..feature.key_types.len()]
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let specs = feature.specs();
+        Ok(Engine {
+            feature: feature.feature.name.clone(),
+            sink: RowSink::new(&specs, output_schema.clone(), 1024),
+            specs,
+            layout: feature.layout(),
+            output_schema,
+            shape,
+            lateness: feature.source.allowed_lateness.millis(),
+            watermark: Watermark::new(feature.source.watermark.millis()),
+            converter: RowConverter::new(key_fields)?,
+            ids: HashMap::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+            timers: BTreeSet::new(),
+            tracking: track_changes.then(Tracking::default),
+            counters: EngineCounters::default(),
+            sink_rows: 0,
+            changes: Vec::new(),
+            late: Vec::new(),
+        })
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        self.counters
+    }
+
+    /// The current watermark, if any event has arrived.
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark.current()
+    }
+
+    /// The output schema (SPEC §2).
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// The key columns of encoded keys.
+    pub fn key_columns(&self, keys: &[&OwnedRow]) -> Result<Vec<arrow::array::ArrayRef>> {
+        Ok(self.converter.convert_rows(keys.iter().map(|k| k.row()))?)
+    }
+
+    /// Number of keys holding state.
+    pub fn live_keys(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Applies a batch of stage columns in arrival order. `passes` says which rows pass the
+    /// feature's filter (the others still move the watermark); `seqs` gives each row's position
+    /// in the input.
+    pub fn process(&mut self, stage: &RecordBatch, passes: &BooleanArray, seqs: &[u64]) -> Result<Effects> {
+        let keys = self.converter.convert_columns(&stage.columns()[..self.layout.keys])?;
+        let columns = StageBatch::new(&self.layout, stage)?;
+        if seqs.len() != stage.num_rows() {
+            return Err(DataFusionError::Internal("one sequence number per row is required".into()));
+        }
+        for (row, &seq) in seqs.iter().enumerate() {
+            self.counters.events += 1;
+            let Some(time) = columns.time(row) else {
+                self.counters.null_times += 1;
+                continue;
+            };
+            if passes.is_valid(row) && passes.value(row) {
+                let key = keys.row(row);
+                self.apply(key, &columns, row, time, seq)?;
+            } else {
+                self.counters.filtered_out += 1;
+            }
+            let before = self.watermark.current();
+            self.watermark.advance(time);
+            let after = self.watermark.current();
+            if after != before {
+                if let Some(t) = self.tracking.as_mut() {
+                    t.watermark_moved = true;
+                }
+                self.run_timers(seq)?;
+            }
+        }
+        self.take_effects()
+    }
+
+    /// The end of input: the watermark moves to the end of time, every open window fires and
+    /// all state is released.
+    pub fn finish(&mut self, seq: u64) -> Result<Effects> {
+        self.watermark.finish();
+        if let Some(t) = self.tracking.as_mut() {
+            t.watermark_moved = true;
+        }
+        self.run_timers(seq)?;
+        self.take_effects()
+    }
+
+    fn take_effects(&mut self) -> Result<Effects> {
+        let rows = if self.sink_rows > 0 { self.sink.finish(&self.converter)? } else { None };
+        self.sink_rows = 0;
+        Ok(Effects { rows, changes: std::mem::take(&mut self.changes), late: std::mem::take(&mut self.late) })
+    }
+
+    fn id_of(&mut self, key: arrow::row::Row<'_>) -> u32 {
+        if let Some(id) = self.ids.get(key.as_ref()) {
+            return *id;
+        }
+        self.insert_key(key.owned())
+    }
+
+    fn insert_key(&mut self, key: OwnedRow) -> u32 {
+        let state = match self.shape {
+            Shape::Panes(_) => KeyState::Panes { panes: BTreeMap::new(), fired_through: None, slider: None },
+            Shape::Sessions { .. } => KeyState::Sessions(BTreeMap::new()),
+        };
+        let entry = KeyEntry { key: key.clone(), timer: None, state };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.keys[id as usize] = Some(entry);
+                id
+            }
+            None => {
+                self.keys.push(Some(entry));
+                (self.keys.len() - 1) as u32
+            }
+        };
+        self.ids.insert(key.row().as_ref().into(), id);
+        id
+    }
+
+    /// Judges one event that passed the filter and applies it where it is not too late.
+    fn apply(
+        &mut self,
+        key: arrow::row::Row<'_>,
+        columns: &StageBatch<'_>,
+        row: usize,
+        time: i64,
+        seq: u64,
+    ) -> Result<()> {
+        let watermark = self.watermark.current();
+        match self.shape {
+            Shape::Panes(panes) => {
+                let pane = panes.pane_of(time);
+                let windows = panes.windows_of_pane(pane);
+                let mut too_late = Vec::new();
+                let mut refire = Vec::new();
+                for start in windows {
+                    match judge(watermark, panes.window_end(start), self.lateness) {
+                        Verdict::Update => {}
+                        Verdict::UpdateAndRefire => refire.push(start),
+                        Verdict::TooLate => too_late.push(start),
+                    }
+                }
+                if !too_late.is_empty() {
+                    self.counters.too_late += 1;
+                    let all = too_late.len() as i64 == panes.per_window;
+                    self.late.push(LateEvent {
+                        row,
+                        seq,
+                        key: key.owned(),
+                        event_time: time,
+                        watermark: watermark.unwrap_or(i64::MIN),
+                        windows: too_late.iter().map(|s| (panes.start_of(*s), panes.window_end(*s))).collect(),
+                        reason: format!(
+                            "event at {} is behind the watermark {} by more than the allowed lateness for {} of \
+                             its {} windows",
+                            format_time(time),
+                            format_time(watermark.unwrap_or(i64::MIN)),
+                            too_late.len(),
+                            panes.per_window
+                        ),
+                    });
+                    if all {
+                        return Ok(());
+                    }
+                }
+                if !refire.is_empty() {
+                    self.counters.late_applied += 1;
+                }
+                let id = self.id_of(key);
+                let entry = self.keys[id as usize].as_mut().expect("live key");
+                let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else {
+                    unreachable!("pane engine holds pane state")
+                };
+                let states = held.entry(pane).or_insert_with(|| self.specs.iter().map(Partial::empty).collect());
+                columns.apply(&self.specs, states, row, time);
+                if slider.as_ref().is_some_and(|s| pane >= s.cursor && pane < s.cursor + panes.per_window) {
+                    *slider = None;
+                }
+                if let Some(t) = self.tracking.as_mut() {
+                    t.slots.insert((id, pane));
+                }
+                // Every window of this key ending at or before the watermark is now done: the
+                // timers fired the others, this event refires some, and the rest are past
+                // lateness. None of them may fire on time again.
+                let done = refire.last().into_iter().chain(too_late.last()).copied().max();
+                if let Some(done) = done
+                    && fired_through.is_none_or(|f| f < done)
+                {
+                    *fired_through = Some(done);
+                    if let Some(t) = self.tracking.as_mut() {
+                        t.fired_through.insert(id);
+                    }
+                }
+                for start in refire {
+                    self.emit_merged(id, start, ChangeKind::Refire, seq)?;
+                }
+                self.reschedule(id);
+            }
+            Shape::Sessions { gap } => {
+                if session_too_late(watermark, time, gap, self.lateness) {
+                    self.counters.too_late += 1;
+                    self.late.push(LateEvent {
+                        row,
+                        seq,
+                        key: key.owned(),
+                        event_time: time,
+                        watermark: watermark.unwrap_or(i64::MIN),
+                        windows: Vec::new(),
+                        reason: format!(
+                            "session event at {} + gap + allowed lateness is not after the watermark {}",
+                            format_time(time),
+                            format_time(watermark.unwrap_or(i64::MIN))
+                        ),
+                    });
+                    return Ok(());
+                }
+                let id = self.id_of(key);
+                self.apply_session(id, columns, row, time, gap, seq)?;
+                self.reschedule(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_session(
+        &mut self,
+        id: u32,
+        columns: &StageBatch<'_>,
+        row: usize,
+        time: i64,
+        gap: i64,
+        seq: u64,
+    ) -> Result<()> {
+        let watermark = self.watermark.current();
+        let entry = self.keys[id as usize].as_mut().expect("live key");
+        let KeyState::Sessions(sessions) = &mut entry.state else { unreachable!("session engine holds sessions") };
+        let gap_duration = lockstep_features::Duration::from_millis(gap);
+        // At most one session before the event and one after it can absorb it.
+        let mut absorbed: Vec<(i64, Session)> = Vec::new();
+        if let Some((&start, session)) = sessions.range(..=time).next_back()
+            && (time <= session.last || continues_session(session.last, time, gap_duration))
+        {
+            absorbed.push((start, session.clone()));
+        }
+        if let Some((&start, session)) = sessions.range((Bound::Excluded(time), Bound::Unbounded)).next()
+            && continues_session(time, start, gap_duration)
+        {
+            absorbed.push((start, session.clone()));
+        }
+        let mut start = time;
+        let mut merged = Session {
+            last: time,
+            fired: false,
+            emitted: false,
+            states: self.specs.iter().map(Partial::empty).collect(),
+        };
+        for (s, session) in &absorbed {
+            sessions.remove(s);
+            start = start.min(*s);
+            merged.last = merged.last.max(session.last);
+            for (i, spec) in self.specs.iter().enumerate() {
+                merged.states[i].merge(spec.function, &session.states[i]);
+            }
+        }
+        columns.apply(&self.specs, &mut merged.states, row, time);
+        let end = merged.last.saturating_add(gap);
+        let due = watermark.is_some_and(|w| end <= w);
+        let was_fired = absorbed.iter().any(|(_, s)| s.emitted);
+        merged.emitted = absorbed.iter().any(|(s, session)| *s == start && session.emitted);
+        if due || was_fired {
+            self.counters.late_applied += 1;
+        }
+        let key = entry.key.clone();
+        let mut retractions = Vec::new();
+        for (s, session) in &absorbed {
+            if *s != start {
+                if let Some(t) = self.tracking.as_mut() {
+                    t.deleted.push((key.clone(), *s));
+                    t.slots.remove(&(id, *s));
+                }
+                if session.emitted {
+                    retractions.push((*s, session.last.saturating_add(gap)));
+                }
+            }
+        }
+        merged.fired = due;
+        sessions.insert(start, merged);
+        if let Some(t) = self.tracking.as_mut() {
+            t.slots.insert((id, start));
+        }
+        for (s, e) in retractions {
+            self.counters.retracted += 1;
+            self.changes.push(Change { kind: ChangeKind::Retract, key: key.clone(), start: s, end: e, row: None, seq });
+        }
+        if due {
+            self.emit_session(id, start, seq)?;
+        }
+        Ok(())
+    }
+
+    /// Fires every window the watermark has passed and releases what it no longer needs.
+    fn run_timers(&mut self, seq: u64) -> Result<()> {
+        let Some(watermark) = self.watermark.current() else { return Ok(()) };
+        while let Some(&(time, id)) = self.timers.first() {
+            if time > watermark {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(entry) = self.keys[id as usize].as_mut() {
+                entry.timer = None;
+            }
+            self.on_timer(id, watermark, seq)?;
+            self.reschedule(id);
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, id: u32, watermark: i64, seq: u64) -> Result<()> {
+        match self.shape {
+            Shape::Panes(panes) => {
+                while let Some(start) = self.next_window(id, &panes) {
+                    if panes.window_end(start) > watermark {
+                        break;
+                    }
+                    self.fire_sliding(id, start, &panes, seq)?;
+                }
+                self.release_panes(id, &panes, watermark);
+            }
+            Shape::Sessions { gap } => {
+                let entry = self.keys[id as usize].as_mut().expect("live key");
+                let KeyState::Sessions(sessions) = &mut entry.state else { unreachable!() };
+                let due: Vec<i64> = sessions
+                    .iter()
+                    .filter(|(_, s)| !s.fired && s.last.saturating_add(gap) <= watermark)
+                    .map(|(start, _)| *start)
+                    .collect();
+                for start in due {
+                    self.emit_session(id, start, seq)?;
+                }
+                let entry = self.keys[id as usize].as_mut().expect("live key");
+                let KeyState::Sessions(sessions) = &mut entry.state else { unreachable!() };
+                let gone: Vec<i64> = sessions
+                    .iter()
+                    .filter(|(_, s)| {
+                        releasable(s.last.saturating_add(gap).saturating_add(gap), Some(watermark), self.lateness)
+                    })
+                    .map(|(start, _)| *start)
+                    .collect();
+                for start in gone {
+                    sessions.remove(&start);
+                    if let Some(t) = self.tracking.as_mut() {
+                        t.deleted.push((entry.key.clone(), start));
+                        t.slots.remove(&(id, start));
+                    }
+                }
+            }
+        }
+        self.free_if_empty(id);
+        Ok(())
+    }
+
+    /// The start pane of the key's next window to fire on time: the first window after
+    /// `fired_through` that holds a pane.
+    fn next_window(&self, id: u32, panes: &Panes) -> Option<i64> {
+        let entry = self.keys[id as usize].as_ref()?;
+        let KeyState::Panes { panes: held, fired_through, .. } = &entry.state else { return None };
+        let (first, after) = match fired_through {
+            None => (held.keys().next().copied()?, i64::MIN),
+            Some(f) => (held.range(f.saturating_add(1)..).next().map(|(p, _)| *p)?, f.saturating_add(1)),
+        };
+        Some(after.max(first.saturating_sub(panes.per_window - 1)))
+    }
+
+    fn fire_sliding(&mut self, id: u32, start: i64, panes: &Panes, seq: u64) -> Result<()> {
+        let per = panes.per_window;
+        let entry = self.keys[id as usize].as_mut().expect("live key");
+        let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else { unreachable!() };
+        let specs = &self.specs;
+        let slider = match slider {
+            Some(s) if s.cursor < start => {
+                let old_last = s.cursor.saturating_add(per - 1);
+                for (p, states) in held.range(s.cursor..start.min(old_last.saturating_add(1))) {
+                    for (i, sliding) in s.window.iter_mut().enumerate() {
+                        sliding.pop(*p, &states[i]);
+                    }
+                }
+                let from = start.max(old_last.saturating_add(1));
+                for (p, states) in held.range(from..=start.saturating_add(per - 1)) {
+                    for (i, sliding) in s.window.iter_mut().enumerate() {
+                        sliding.push(specs[i].function, *p, &states[i]);
+                    }
+                }
+                s.cursor = start;
+                s
+            }
+            _ => {
+                let mut window: Vec<Sliding> = specs.iter().map(Sliding::new).collect();
+                for (p, states) in held.range(start..=start.saturating_add(per - 1)) {
+                    for (i, sliding) in window.iter_mut().enumerate() {
+                        sliding.push(specs[i].function, *p, &states[i]);
+                    }
+                }
+                slider.insert(Slider { window, cursor: start })
+            }
+        };
+        *fired_through = Some(start);
+        if let Some(t) = self.tracking.as_mut() {
+            t.fired_through.insert(id);
+        }
+        let key = entry.key.clone();
+        let row = WindowRow {
+            start: panes.start_of(start),
+            end: panes.window_end(start),
+            states: WindowStates::Sliding(&slider.window),
+        };
+        self.counters.fired += 1;
+        Self::push_row(
+            &mut self.sink,
+            &mut self.sink_rows,
+            &mut self.changes,
+            &self.feature,
+            key,
+            row,
+            ChangeKind::Fire,
+            seq,
+        )
+    }
+
+    /// Emits window `start` merged afresh from its panes (a window firing again after a late
+    /// update).
+    fn emit_merged(&mut self, id: u32, start: i64, kind: ChangeKind, seq: u64) -> Result<()> {
+        let Shape::Panes(panes) = self.shape else { unreachable!() };
+        let entry = self.keys[id as usize].as_ref().expect("live key");
+        let KeyState::Panes { panes: held, .. } = &entry.state else { unreachable!() };
+        let mut merged: Vec<Partial> = self.specs.iter().map(Partial::empty).collect();
+        for (_, states) in held.range(start..=start.saturating_add(panes.per_window - 1)) {
+            for (i, spec) in self.specs.iter().enumerate() {
+                merged[i].merge(spec.function, &states[i]);
+            }
+        }
+        let key = entry.key.clone();
+        let row = WindowRow {
+            start: panes.start_of(start),
+            end: panes.window_end(start),
+            states: WindowStates::Merged(&merged),
+        };
+        self.counters.refired += 1;
+        Self::push_row(&mut self.sink, &mut self.sink_rows, &mut self.changes, &self.feature, key, row, kind, seq)
+    }
+
+    /// Emits a session: a first row for its start, or a replacement for an earlier one.
+    fn emit_session(&mut self, id: u32, start: i64, seq: u64) -> Result<()> {
+        let Shape::Sessions { gap } = self.shape else { unreachable!() };
+        let entry = self.keys[id as usize].as_mut().expect("live key");
+        let KeyState::Sessions(sessions) = &mut entry.state else { unreachable!() };
+        let session = sessions.get_mut(&start).expect("session to emit exists");
+        let kind = if session.emitted { ChangeKind::Refire } else { ChangeKind::Fire };
+        session.fired = true;
+        session.emitted = true;
+        if let Some(t) = self.tracking.as_mut() {
+            t.slots.insert((id, start));
+        }
+        let key = entry.key.clone();
+        let row =
+            WindowRow { start, end: session.last.saturating_add(gap), states: WindowStates::Merged(&session.states) };
+        match kind {
+            ChangeKind::Refire => self.counters.refired += 1,
+            _ => self.counters.fired += 1,
+        }
+        Self::push_row(&mut self.sink, &mut self.sink_rows, &mut self.changes, &self.feature, key, row, kind, seq)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_row(
+        sink: &mut RowSink,
+        sink_rows: &mut usize,
+        changes: &mut Vec<Change>,
+        feature: &str,
+        key: OwnedRow,
+        row: WindowRow<'_>,
+        kind: ChangeKind,
+        seq: u64,
+    ) -> Result<()> {
+        let (start, end) = (row.start, row.end);
+        sink.begin_key(&key);
+        sink.append(row, feature)?;
+        changes.push(Change { kind, key, start, end, row: Some(*sink_rows), seq });
+        *sink_rows += 1;
+        Ok(())
+    }
+
+    /// Drops panes no window can use any more: every window holding them is past allowed
+    /// lateness, and the slider no longer holds them.
+    fn release_panes(&mut self, id: u32, panes: &Panes, watermark: i64) {
+        let has_next = self.next_window(id, panes).is_some();
+        let entry = self.keys[id as usize].as_mut().expect("live key");
+        let KeyState::Panes { panes: held, slider, .. } = &mut entry.state else { unreachable!() };
+        if !has_next {
+            *slider = None;
+        }
+        let limit = slider.as_ref().map_or(i64::MAX, |s| s.cursor);
+        while let Some((&p, _)) = held.first_key_value() {
+            if p >= limit || !releasable(panes.window_end(p), Some(watermark), self.lateness) {
+                break;
+            }
+            held.pop_first();
+            if let Some(t) = self.tracking.as_mut() {
+                t.deleted.push((entry.key.clone(), p));
+                t.slots.remove(&(id, p));
+            }
+        }
+    }
+
+    /// Forgets a key that holds no state.
+    fn free_if_empty(&mut self, id: u32) {
+        let empty = match &self.keys[id as usize] {
+            Some(KeyEntry { state: KeyState::Panes { panes, .. }, .. }) => panes.is_empty(),
+            Some(KeyEntry { state: KeyState::Sessions(sessions), .. }) => sessions.is_empty(),
+            None => false,
+        };
+        if !empty {
+            return;
+        }
+        let entry = self.keys[id as usize].take().expect("checked above");
+        if let Some(timer) = entry.timer {
+            self.timers.remove(&(timer, id));
+        }
+        self.ids.remove(entry.key.row().as_ref());
+        match self.tracking.as_mut() {
+            Some(t) => {
+                if t.fired_through.remove(&id) || matches!(entry.state, KeyState::Panes { fired_through: Some(_), .. })
+                {
+                    t.deleted.push((entry.key.clone(), i64::MIN));
+                }
+                t.freed.push(id);
+            }
+            None => self.free.push(id),
+        }
+    }
+
+    /// Sets the key's timer: its next window end, or the time its oldest state is released.
+    fn reschedule(&mut self, id: u32) {
+        let next = match self.shape {
+            Shape::Panes(panes) => {
+                let fire = self.next_window(id, &panes).map(|s| panes.window_end(s));
+                let Some(entry) = self.keys[id as usize].as_ref() else { return };
+                let KeyState::Panes { panes: held, slider, .. } = &entry.state else { unreachable!() };
+                let limit = if fire.is_some() { slider.as_ref().map_or(i64::MAX, |s| s.cursor) } else { i64::MAX };
+                let release = held
+                    .first_key_value()
+                    .filter(|(p, _)| **p < limit)
+                    .map(|(p, _)| panes.window_end(*p).saturating_add(self.lateness));
+                [fire, release].into_iter().flatten().min()
+            }
+            Shape::Sessions { gap } => {
+                let Some(entry) = self.keys[id as usize].as_ref() else { return };
+                let KeyState::Sessions(sessions) = &entry.state else { unreachable!() };
+                sessions
+                    .values()
+                    .map(|s| {
+                        let end = s.last.saturating_add(gap);
+                        if s.fired { end.saturating_add(gap).saturating_add(self.lateness) } else { end }
+                    })
+                    .min()
+            }
+        };
+        let Some(entry) = self.keys[id as usize].as_mut() else { return };
+        if entry.timer == next {
+            return;
+        }
+        if let Some(old) = entry.timer.take() {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(time) = next {
+            self.timers.insert((time, id));
+            entry.timer = Some(time);
+        }
+    }
+
+    /// The changelog records since the last call, as (record key, value); `None` deletes the
+    /// record. Empty when the engine does not track changes.
+    pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let Some(tracking) = self.tracking.as_mut() else { return Vec::new() };
+        let tracking = std::mem::take(tracking);
+        let mut out = Vec::new();
+        if tracking.watermark_moved
+            && let Some(max) = self.watermark.max_event_time()
+        {
+            out.push((vec![FORMAT, RECORD_WATERMARK], Some([&[FORMAT][..], &max.to_le_bytes()].concat())));
+        }
+        for (key, slot) in &tracking.deleted {
+            let kind = if *slot == i64::MIN { RECORD_FIRED_THROUGH } else { RECORD_SLOT };
+            out.push((record_key(kind, key, *slot), None));
+        }
+        let mut slots: Vec<(u32, i64)> = tracking.slots.into_iter().collect();
+        slots.sort_unstable();
+        for (id, slot) in slots {
+            let Some(entry) = self.keys[id as usize].as_ref() else { continue };
+            let mut value = vec![FORMAT];
+            match &entry.state {
+                KeyState::Panes { panes, .. } => {
+                    let Some(states) = panes.get(&slot) else { continue };
+                    put_states(states, &mut value);
+                }
+                KeyState::Sessions(sessions) => {
+                    let Some(session) = sessions.get(&slot) else { continue };
+                    value.extend_from_slice(&session.last.to_le_bytes());
+                    value.push(session.fired as u8 | (session.emitted as u8) << 1);
+                    put_states(&session.states, &mut value);
+                }
+            }
+            out.push((record_key(RECORD_SLOT, &entry.key, slot), Some(value)));
+        }
+        let mut fired: Vec<u32> = tracking.fired_through.into_iter().collect();
+        fired.sort_unstable();
+        for id in fired {
+            let Some(entry) = self.keys[id as usize].as_ref() else { continue };
+            if let KeyState::Panes { fired_through: Some(f), .. } = &entry.state {
+                out.push((
+                    record_key(RECORD_FIRED_THROUGH, &entry.key, i64::MIN),
+                    Some([&[FORMAT][..], &f.to_le_bytes()].concat()),
+                ));
+            }
+        }
+        self.free.extend(tracking.freed);
+        out
+    }
+
+    /// Rebuilds state from changelog records (oldest first; a later record replaces an earlier
+    /// one with the same key, `None` deletes it).
+    pub fn restore<'a>(&mut self, records: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<()> {
+        let mut latest: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for (key, value) in records {
+            latest.insert(key.to_vec(), value.map(|v| v.to_vec()));
+        }
+        let corrupt = |what: &str| DataFusionError::Execution(format!("the state changelog holds {what}"));
+        let parser = self.converter.parser();
+        for (record, value) in latest {
+            let Some(value) = value else { continue };
+            let mut input = record.as_slice();
+            if take_u8(&mut input) != Some(FORMAT) || value.first() != Some(&FORMAT) {
+                return Err(corrupt("a record of another format version; start from an empty changelog"));
+            }
+            let mut body = &value[1..];
+            let kind = take_u8(&mut input).ok_or_else(|| corrupt("an empty record key"))?;
+            if kind == RECORD_WATERMARK {
+                let max = take_i64(&mut body).ok_or_else(|| corrupt("a bad watermark"))?;
+                self.watermark.advance(max);
+                continue;
+            }
+            let len = take_u32(&mut input).ok_or_else(|| corrupt("a bad record key"))? as usize;
+            let key_bytes = take(&mut input, len).ok_or_else(|| corrupt("a bad record key"))?;
+            let slot = take_i64(&mut input).ok_or_else(|| corrupt("a bad record key"))?;
+            let key = parser.parse(key_bytes).owned();
+            let id = match self.ids.get(key.row().as_ref()) {
+                Some(id) => *id,
+                None => self.insert_key(key),
+            };
+            let entry = self.keys[id as usize].as_mut().expect("just inserted");
+            match (&mut entry.state, kind) {
+                (KeyState::Panes { fired_through, .. }, RECORD_FIRED_THROUGH) => {
+                    *fired_through = Some(take_i64(&mut body).ok_or_else(|| corrupt("a bad fired-through record"))?);
+                }
+                (KeyState::Panes { panes, .. }, RECORD_SLOT) => {
+                    let states = take_states(&mut body, self.specs.len()).ok_or_else(|| corrupt("a bad pane"))?;
+                    panes.insert(slot, states);
+                }
+                (KeyState::Sessions(sessions), RECORD_SLOT) => {
+                    let last = take_i64(&mut body).ok_or_else(|| corrupt("a bad session"))?;
+                    let flags = take_u8(&mut body).ok_or_else(|| corrupt("a bad session"))?;
+                    let states = take_states(&mut body, self.specs.len()).ok_or_else(|| corrupt("a bad session"))?;
+                    sessions.insert(slot, Session { last, fired: flags & 1 != 0, emitted: flags & 2 != 0, states });
+                }
+                _ => return Err(corrupt("a record for another window kind")),
+            }
+        }
+        let ids: Vec<u32> = self.ids.values().copied().collect();
+        for id in ids {
+            self.reschedule(id);
+        }
+        Ok(())
+    }
+}
+
+fn record_key(kind: u8, key: &OwnedRow, slot: i64) -> Vec<u8> {
+    let row = key.row();
+    let bytes = row.as_ref();
+    let mut out = Vec::with_capacity(bytes.len() + 14);
+    out.push(FORMAT);
+    out.push(kind);
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out
+}
+
+fn put_states(states: &[Partial], out: &mut Vec<u8>) {
+    for state in states {
+        encode_partial(state, out);
+    }
+}
+
+fn take_states(input: &mut &[u8], n: usize) -> Option<Vec<Partial>> {
+    let states = (0..n).map(|_| decode_partial(input)).collect::<Option<Vec<_>>>()?;
+    input.is_empty().then_some(states)
+}

@@ -32,6 +32,15 @@ pub struct Progress {
 
 impl Progress {
     pub fn start(quiet: bool, counters: Arc<StageCounters>) -> Self {
+        Self::follow(quiet, move || {
+            let events = counters.events.load(Ordering::Relaxed);
+            let windows = counters.windows.load(Ordering::Relaxed);
+            format!("{events} events read, {windows} windows written")
+        })
+    }
+
+    /// A spinner showing `message()` every 100 ms.
+    pub fn follow(quiet: bool, message: impl Fn() -> String + Send + 'static) -> Self {
         let bar = ProgressBar::with_draw_target(None, target(quiet));
         bar.set_style(
             ProgressStyle::with_template("{spinner} {elapsed} {msg}")
@@ -40,9 +49,7 @@ impl Progress {
         let ticking = bar.clone();
         let ticker = tokio::spawn(async move {
             loop {
-                let events = counters.events.load(Ordering::Relaxed);
-                let windows = counters.windows.load(Ordering::Relaxed);
-                ticking.set_message(format!("{events} events read, {windows} windows written"));
+                ticking.set_message(message());
                 ticking.tick();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -127,3 +127,28 @@ pub fn late_rows(schema: &SchemaRef, source: &RecordBatch, effects: &Effects) ->
     columns.push(Arc::new(reasons.finish()));
     Ok(Some(RecordBatch::try_new(schema.clone(), columns)?))
 }
+
+/// Writes `batches` (of `schema`) to `target`, ordered by `order` columns; one Parquet file or
+/// folder renamed into place, or one Delta commit.
+pub async fn write_table(
+    target: &lockstep_batch::OutputTarget,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    order: &[String],
+    dictionary_columns: &[String],
+    metadata: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), crate::StreamError> {
+    use datafusion::datasource::MemTable;
+    use datafusion::logical_expr::col;
+    use datafusion::prelude::SessionContext;
+    let state = lockstep_batch::plan::session_state(&lockstep_batch::SessionLimits::default())?;
+    let ctx = SessionContext::new_with_state(state);
+    let table = MemTable::try_new(schema, vec![batches])?;
+    let mut frame = ctx.read_table(Arc::new(table))?;
+    if !order.is_empty() {
+        frame = frame
+            .sort(order.iter().map(|c| col(format!("\"{}\"", c.replace('"', "\"\""))).sort(true, true)).collect())?;
+    }
+    target.write(&ctx.state(), frame, dictionary_columns, metadata).await?;
+    Ok(())
+}

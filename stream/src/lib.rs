@@ -5,6 +5,7 @@
 //! The Kafka runtime, state changelog and replay source are being built on top of them.
 
 pub mod collect;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod replay;

@@ -106,6 +106,31 @@ enum Command {
         /// Force the format of --out and --late-out.
         #[arg(long, value_enum)]
         format: Option<TableFormat>,
+        /// Kafka bootstrap servers (host:port,...).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Consumer group (default: lockstep.<feature set>).
+        #[arg(long)]
+        group: Option<String>,
+        /// This worker's stable name in the group (default: the host name). Give each worker of
+        /// a group its own, and keep it across restarts.
+        #[arg(long)]
+        instance: Option<String>,
+        /// End the run once nothing new arrives for this long (e.g. 30s): every open window fires.
+        #[arg(long)]
+        until_idle: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// The online store (redis://host:port), overriding the feature's `output.online`.
+        #[arg(long)]
+        online: Option<String>,
+        /// Do not write the online store.
+        #[arg(long)]
+        no_online: bool,
+        /// Most messages per transaction.
+        #[arg(long, default_value_t = 5_000)]
+        max_batch: usize,
     },
 }
 
@@ -158,13 +183,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             batch(&file, &feature, history, history_format, out, format, limits, cli.quiet).await
         }
-        Command::Stream { file, feature, replay, replay_format, out, late_out, format } => {
-            let Some(replay) = replay else {
-                bail!("give --replay URL (a Parquet or Delta history) to run the streaming engine without a broker");
-            };
-            let history = history_location(Some(replay), replay_format).expect("a replay URL was given");
-            stream_replay(&file, &feature, history, out, late_out, format, cli.quiet).await
-        }
+        Command::Stream {
+            file,
+            feature,
+            replay,
+            replay_format,
+            out,
+            late_out,
+            format,
+            brokers,
+            group,
+            instance,
+            until_idle,
+            metrics,
+            online,
+            no_online,
+            max_batch,
+        } => match (replay, brokers) {
+            (Some(replay), None) => {
+                let history = history_location(Some(replay), replay_format).expect("a replay URL was given");
+                stream_replay(&file, &feature, history, out, late_out, format, cli.quiet).await
+            }
+            (None, Some(brokers)) => {
+                if out.is_some() || late_out.is_some() {
+                    bail!("--out and --late-out go with --replay; a Kafka run writes the output and late topics");
+                }
+                let options = KafkaRun { brokers, group, instance, until_idle, metrics, online, no_online, max_batch };
+                stream_kafka(&file, &feature, options).await
+            }
+            (Some(_), Some(_)) => bail!("give either --replay URL or --brokers HOST:PORT, not both"),
+            (None, None) => bail!(
+                "give --brokers HOST:PORT to consume the source topic, or --replay URL to replay a history without a broker"
+            ),
+        },
     }
 }
 
@@ -262,6 +313,79 @@ async fn batch(
     if summary.null_times > 0 {
         eprintln!("warning: {} events had no event time and were skipped", summary.null_times);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct KafkaRun {
+    brokers: String,
+    group: Option<String>,
+    instance: Option<String>,
+    until_idle: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
+    online: Option<String>,
+    no_online: bool,
+    max_batch: usize,
+}
+
+async fn stream_kafka(file: &Path, feature: &str, run: KafkaRun) -> Result<ExitCode> {
+    use lockstep_stream::kafka::{KafkaOptions, Worker};
+    use lockstep_stream::metrics::{Metrics, serve};
+    use lockstep_stream::online::OnlineStore;
+    let definitions = load(file)?;
+    let feature_set = definitions.feature(feature).map_err(anyhow::Error::msg)?.clone();
+    let compiled = compile_feature(&definitions, &feature_set)?;
+    let group = run.group.unwrap_or_else(|| format!("lockstep.{feature}"));
+    let instance = run.instance.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
+    });
+    let mut options = KafkaOptions::new(&run.brokers, &group, &instance);
+    options.max_batch = run.max_batch.max(1);
+    options.until_idle = run
+        .until_idle
+        .map(|d| lockstep_features::Duration::parse(&d).map(|d| std::time::Duration::from_millis(d.millis() as u64)))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--until-idle: {e}"))?;
+    let online_url = if run.no_online { None } else { run.online.or_else(|| feature_set.output.online.clone()) };
+    let metrics = Metrics::new();
+    if let Some(addr) = run.metrics {
+        let (served, name) = (metrics.clone(), feature.to_string());
+        tokio::spawn(async move {
+            if let Err(error) = serve(addr, name, served).await {
+                eprintln!("error: metrics at {addr}: {error}");
+            }
+        });
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stopping.store(true, Ordering::Relaxed);
+        }
+    });
+    let started = std::time::Instant::now();
+    let worker_metrics = metrics.clone();
+    let summary = tokio::task::spawn_blocking(move || {
+        let online = online_url.as_deref().map(|url| OnlineStore::connect(url, &compiled)).transpose()?;
+        let worker = Worker::start(compiled, options, online, worker_metrics)?;
+        let topics = worker.topics().clone();
+        worker.run(stop).map(|summary| (summary, topics))
+    })
+    .await
+    .context("the streaming worker panicked")?
+    .with_context(|| format!("feature set `{feature}`"))?;
+    let (summary, topics) = summary;
+    println!(
+        "{feature}: {} events in {:.1}s, {} window changes → {}, {} too late → {}, {} dead-lettered → {}, {} transactions",
+        summary.events,
+        started.elapsed().as_secs_f64(),
+        summary.windows,
+        topics.output,
+        summary.too_late,
+        topics.late,
+        summary.dead_lettered,
+        topics.dlq,
+        summary.transactions
+    );
     Ok(ExitCode::SUCCESS)
 }
 

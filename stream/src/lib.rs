@@ -8,6 +8,10 @@ pub mod collect;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod kafka;
+pub mod metrics;
+pub mod online;
+pub mod records;
 pub mod replay;
 pub mod rules;
 

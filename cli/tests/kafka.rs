@@ -1,0 +1,513 @@
+//! The streaming job against a real Kafka broker and Redis (started by `scripts/services.sh`;
+//! `scripts/test.sh` exports `KAFKA_BROKERS` and `REDIS_URL`). Under `CI=true` a missing service
+//! fails these tests; locally they are skipped with a loud message.
+//!
+//! The batch job is the oracle: the committed output topic (read_committed, last value per
+//! key and window) must equal `lockstep batch` over the same events bit for bit, except windows
+//! with too-late events — exactly those named on the late topic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use lockstep_batch::{BatchJob, SessionLimits};
+use lockstep_features::{Definitions, Location, compile_feature};
+use lockstep_fixtures::{GenerateOptions, OutputFormat, write_events};
+use lockstep_stream::records::{window_key, window_value};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The broker, or `None` (loudly) when it is not running outside CI.
+fn brokers() -> Option<String> {
+    service("KAFKA_BROKERS")
+}
+
+fn service(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{variable} is not set under CI=true: run the tests with scripts/test.sh, which starts the services")
+        }
+        _ => {
+            eprintln!(
+                "\n*** SKIPPED: {variable} is not set, so this test did not run. Start the services with \
+                 `scripts/services.sh start` and `eval $(scripts/services.sh env)`, or run scripts/test.sh. ***\n"
+            );
+            None
+        }
+    }
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    brokers: String,
+    definitions: PathBuf,
+    topic: String,
+    output: String,
+    history: Location,
+    jsonl: PathBuf,
+}
+
+const FEATURES: &str = r#"
+features:
+  velocity:
+    source: transactions
+    key: [user_id]
+    filter: "amount > 0"
+    window: { sliding: 1h, every: 5m, offset: 1m }
+    aggregations:
+      tx_count: count(*)
+      total_amount: sum(amount)
+      avg_amount: avg(amount)
+      max_amount: max(amount)
+      unique_merchants: count(distinct merchant_id)
+      purchases: count(*) FILTER (WHERE event_type = 'purchase')
+      sd: stddev(amount)
+      last_merchant: last(merchant_id)
+    output: { topic: OUTPUT }
+  sessions:
+    source: transactions
+    key: [user_id]
+    window: { session: 20m }
+    aggregations:
+      n: count(*)
+      total: sum(amount)
+      low: min(amount)
+      last_seen: max(event_time)
+    output: { topic: OUTPUT }
+"#;
+
+impl Fixture {
+    /// Generated events written as history (Parquet) and as JSON lines, and a source topic with
+    /// `partitions` partitions holding them in arrival order, keyed by user.
+    async fn new(brokers: &str, name: &str, partitions: i32, options: GenerateOptions, lateness: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = unique(name);
+        let output = format!("{topic}.windows");
+        let parquet = dir.path().join("events.parquet");
+        let jsonl = dir.path().join("events.jsonl");
+        write_events(&options, parquet.to_str().unwrap(), OutputFormat::Parquet, |_| {}).await.unwrap();
+        write_events(&options, jsonl.to_str().unwrap(), OutputFormat::Jsonl, |_| {}).await.unwrap();
+        let text = format!(
+            r#"sources:
+  transactions:
+    schema: {{ user_id: string, merchant_id: string, amount: float64, event_type: string, event_time: timestamp, ingest_time: timestamp }}
+    event_time: event_time
+    arrival_time: ingest_time
+    kafka: {{ topic: {topic}, format: json }}
+    watermark: 30s
+    allowed_lateness: {lateness}
+{}"#,
+            FEATURES.replace("OUTPUT", &output)
+        );
+        let definitions = dir.path().join("defs.yaml");
+        std::fs::write(&definitions, text).unwrap();
+        create_topic(brokers, &topic, partitions).await;
+        let fixture = Fixture {
+            brokers: brokers.into(),
+            definitions,
+            topic,
+            output,
+            history: Location::Parquet(parquet.display().to_string()),
+            jsonl,
+            _dir: dir,
+        };
+        fixture.produce_lines(&std::fs::read_to_string(&fixture.jsonl).unwrap());
+        fixture
+    }
+
+    /// Produces JSON lines keyed by their `user_id` (a line that is not JSON gets key `poison`).
+    fn produce_lines(&self, text: &str) {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        for line in text.lines() {
+            let key = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("user_id").and_then(|u| u.as_str()).map(str::to_string))
+                .unwrap_or_else(|| "poison".into());
+            let mut record = BaseRecord::to(&self.topic).key(key.as_str()).payload(line);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, returned)) => {
+                        record = returned;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    fn job(&self, feature: &str, group: &str, instance: &str, extra: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["stream", self.definitions.to_str().unwrap(), "--feature", feature, "--brokers", &self.brokers])
+            .args(["--group", group, "--instance", instance, "--until-idle", "4s", "--quiet"])
+            .args(extra)
+            .env("LOCKSTEP_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs the job to completion and checks it exited 0.
+    fn run(&self, feature: &str, group: &str, extra: &[&str]) -> String {
+        let output = self.job(feature, group, "w1", extra).wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(output.status.success(), "stream failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        stdout
+    }
+
+    /// The batch job's rows over the same events, as output-topic (key, value) records.
+    async fn expected(&self, feature: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let definitions = Definitions::load(&self.definitions).unwrap();
+        let compiled = compile_feature(&definitions, definitions.feature(feature).unwrap()).unwrap();
+        let keys = compiled.key_types.len();
+        let job = BatchJob::new(compiled, Some(self.history.clone()))
+            .unwrap()
+            .with_limits(SessionLimits { memory_limit: 256 << 20, partitions: 2 });
+        let batches: Vec<RecordBatch> = job.collect().await.unwrap();
+        let mut out = BTreeMap::new();
+        for batch in &batches {
+            for row in 0..batch.num_rows() {
+                out.insert(window_key(batch, keys, row), window_value(batch, row));
+            }
+        }
+        out
+    }
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let results = admin
+        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await;
+    results.unwrap().into_iter().for_each(|r| {
+        r.unwrap();
+    });
+}
+
+/// Every committed record of `topic`, oldest first: (key, value, headers).
+type Record = (Vec<u8>, Option<Vec<u8>>, BTreeMap<String, String>);
+
+fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut list = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in &partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)).unwrap();
+        ends.insert(*p, high);
+        list.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let position = consumer.position().unwrap();
+        let done = ends.iter().all(|(p, high)| {
+            *high == 0
+                || position.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high)
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reading {topic} timed out");
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.unwrap();
+            let mut headers = BTreeMap::new();
+            if let Some(h) = message.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_string(),
+                        header.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default(),
+                    );
+                }
+            }
+            records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(|p| p.to_vec()), headers));
+        }
+    }
+    records
+}
+
+/// The last value per key; tombstones delete.
+fn last_values(records: &[Record]) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for (key, value, _) in records {
+        match value {
+            Some(value) => out.insert(key.clone(), value.clone()),
+            None => out.remove(key),
+        };
+    }
+    out
+}
+
+fn show(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).to_string()
+}
+
+fn assert_same(got: &BTreeMap<Vec<u8>, Vec<u8>>, expected: &BTreeMap<Vec<u8>, Vec<u8>>, what: &str) {
+    let missing: Vec<String> = expected.keys().filter(|k| !got.contains_key(*k)).take(3).map(|k| show(k)).collect();
+    let extra: Vec<String> = got.keys().filter(|k| !expected.contains_key(*k)).take(3).map(|k| show(k)).collect();
+    let differing: Vec<String> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .take(3)
+        .map(|(k, v)| format!("{}: expected {} got {}", show(k), show(v), show(&got[k])))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differing.is_empty(),
+        "{what}: {} windows expected, {} got; missing {missing:?}; extra {extra:?}; differing {differing:?}",
+        expected.len(),
+        got.len()
+    );
+}
+
+fn options(events: u64, seed: u64) -> GenerateOptions {
+    GenerateOptions { events, users: 150, days: 2, seed, late_rate: 0.03, ..GenerateOptions::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parity_with_batch_over_three_partitions() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "parity", 3, options(15_000, 5), "7h").await;
+    for feature in ["velocity", "sessions"] {
+        let stdout = fixture.run(feature, &unique("g"), &["--no-online"]);
+        assert!(stdout.contains("0 too late"), "{stdout}");
+        let got = last_values(&read_topic(&brokers, &fixture.output))
+            .into_iter()
+            .filter(|(_, v)| {
+                serde_json::from_slice::<serde_json::Value>(v).unwrap().get(feature_marker(feature)).is_some()
+            })
+            .collect();
+        assert_same(&got, &fixture.expected(feature).await, feature);
+    }
+}
+
+/// A column only `feature`'s rows have (both features write to one topic).
+fn feature_marker(feature: &str) -> &'static str {
+    if feature == "velocity" { "tx_count" } else { "n" }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differences_from_batch_are_exactly_the_late_topic_windows() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "late", 2, options(15_000, 6), "2m").await;
+    fixture.run("velocity", &unique("g"), &["--no-online"]);
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    let expected = fixture.expected("velocity").await;
+    let late = read_topic(&brokers, &format!("{}.late", fixture.topic));
+    assert!(!late.is_empty(), "the fixture has too-late events");
+    let mut explained = BTreeSet::new();
+    for (_, value, headers) in &late {
+        let event: serde_json::Value = serde_json::from_slice(value.as_ref().unwrap()).unwrap();
+        let windows: Vec<(i64, i64)> = serde_json::from_str(&headers["lockstep.windows"]).unwrap();
+        assert!(!headers["lockstep.reason"].is_empty());
+        for (start, _) in windows {
+            let key = serde_json::json!({ "user_id": event["user_id"], "window_start": start });
+            explained.insert(serde_json::to_vec(&key).unwrap());
+        }
+    }
+    let differing: BTreeSet<Vec<u8>> =
+        expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect();
+    assert!(got.keys().all(|k| expected.contains_key(k)), "the stream invented a window");
+    assert_eq!(differing.len(), explained.len(), "differing windows vs late-topic windows");
+    assert!(differing == explained, "the differing windows are not exactly the late-topic windows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_topic_and_the_job_goes_on() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "poison", 2, options(3_000, 7), "7h").await;
+    let poison = [
+        "{not json",
+        r#"{"user_id":"u000001","merchant_id":"m1","amount":"lots","event_type":"purchase","event_time":1,"ingest_time":1}"#,
+        r#"{"user_id":"u000001","merchant_id":"m1","amount":1.0,"event_type":"purchase","ingest_time":1}"#,
+    ];
+    fixture.produce_lines(&poison.join("\n"));
+    let stdout = fixture.run("velocity", &unique("g"), &["--no-online"]);
+    assert!(stdout.contains("3 dead-lettered"), "{stdout}");
+    let dlq = read_topic(&brokers, &format!("{}.dlq", fixture.topic));
+    assert_eq!(dlq.len(), 3);
+    let errors: Vec<&str> = dlq.iter().map(|(_, _, h)| h["lockstep.error"].as_str()).collect();
+    assert!(errors[0].starts_with("not valid JSON"), "{errors:?}");
+    assert_eq!(errors[1], "field `amount`: expected a number, got the string \"lots\"");
+    assert_eq!(errors[2], "field `event_time` is missing");
+    assert_eq!(dlq[0].1.as_deref(), Some(poison[0].as_bytes()), "the original message is kept");
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    assert_same(&got, &fixture.expected("velocity").await, "velocity with poison messages");
+}
+
+/// The group's committed offsets over all partitions of `topic`, and the partitions' ends.
+fn group_progress(brokers: &str, group: &str, topic: &str) -> (i64, i64) {
+    // read_uncommitted: the offset fetch must not wait for the killed worker's open transaction.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut list = TopicPartitionList::new();
+    let mut end = 0;
+    for p in metadata.topics()[0].partitions() {
+        list.add_partition(topic, p.id());
+        end += consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap().1;
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(30)).unwrap();
+    (committed.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum(), end)
+}
+
+/// Kills the job with SIGKILL at random moments, `kills_wanted` times, restarting it each time,
+/// then lets a run end on its own. Returns how many kills landed while input was still unread.
+fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, kills_wanted: usize) -> usize {
+    let mut state = seed;
+    let mut kills = 0;
+    let mut mid_run = 0;
+    loop {
+        let mut child = fixture.job(feature, group, "w1", &["--no-online", "--max-batch", "300"]);
+        if kills == kills_wanted {
+            let output = child.wait_with_output().unwrap();
+            assert!(output.status.success(), "the last run failed: {}", String::from_utf8_lossy(&output.stderr));
+            return mid_run;
+        }
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let wait = Duration::from_millis(800 + (state >> 33) % 2_500);
+        let started = Instant::now();
+        while started.elapsed() < wait {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "the job failed after {kills} kills");
+                return mid_run;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let (committed, end) = group_progress(&fixture.brokers, group, &fixture.topic);
+        if committed < end {
+            mid_run += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_random_points_the_output_is_that_of_an_undisturbed_run() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "crash", 3, options(40_000, 8), "7h").await;
+    let mid_run = run_with_crashes(&fixture, "velocity", &unique("g"), 99, 4);
+    assert!(mid_run >= 2, "only {mid_run} of 4 kills landed before the input was read");
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    assert_same(&got, &fixture.expected("velocity").await, "velocity after kills");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_one_killed_mid_run_give_the_same_output() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "workers", 4, options(40_000, 9), "7h").await;
+    let group = unique("g");
+    let survivor = fixture.job("sessions", &group, "a", &["--no-online", "--max-batch", "300"]);
+    let mut victim = fixture.job("sessions", &group, "b", &["--no-online", "--max-batch", "300"]);
+    std::thread::sleep(Duration::from_millis(2_500));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let output = survivor.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    assert_same(&got, &fixture.expected("sessions").await, "sessions with a worker killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_source_gives_the_same_output_as_kafka() {
+    let Some(brokers) = brokers() else { return };
+    // One partition: the Kafka run sees exactly the replay's arrival order.
+    let fixture = Fixture::new(&brokers, "replay", 1, options(15_000, 10), "5m").await;
+    fixture.run("velocity", &unique("g"), &["--no-online"]);
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("replay.parquet");
+    let Location::Parquet(history) = &fixture.history else { unreachable!() };
+    let status = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["stream", fixture.definitions.to_str().unwrap(), "--feature", "velocity", "--quiet"])
+        .args(["--replay", history, "--out", out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let replayed = read_parquet(&out);
+    let mut expected = BTreeMap::new();
+    for batch in &replayed {
+        for row in 0..batch.num_rows() {
+            expected.insert(window_key(batch, 1, row), window_value(batch, row));
+        }
+    }
+    assert_same(&got, &expected, "Kafka vs replay");
+}
+
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_online_store_holds_the_latest_windows_of_each_key() {
+    let Some(brokers) = brokers() else { return };
+    let Some(redis_url) = service("REDIS_URL") else { return };
+    let fixture = Fixture::new(&brokers, "online", 2, options(5_000, 12), "7h").await;
+    fixture.run("velocity", &unique("g"), &["--online", &redis_url]);
+    let got = last_values(&read_topic(&brokers, &fixture.output));
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    // Per key, the latest windows by start must be in the store with the topic's values.
+    let mut by_key: BTreeMap<String, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+    for (key, value) in &got {
+        let key: serde_json::Value = serde_json::from_slice(key).unwrap();
+        by_key
+            .entry(key["user_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push((key["window_start"].as_i64().unwrap(), value.clone()));
+    }
+    assert!(by_key.len() > 50);
+    let definitions = Definitions::load(&fixture.definitions).unwrap();
+    let compiled = compile_feature(&definitions, definitions.feature("velocity").unwrap()).unwrap();
+    let retain = lockstep_stream::online::retained_windows(&compiled);
+    for (user, mut windows) in by_key {
+        windows.sort();
+        let hash = format!("lockstep:velocity:[\"{user}\"]");
+        let stored: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&hash).query(&mut connection).unwrap();
+        let latest = &windows[windows.len().saturating_sub(retain)..];
+        let rows: BTreeMap<String, String> = stored.into_iter().filter(|(k, _)| k.starts_with("w:")).collect();
+        let expected: BTreeMap<String, String> =
+            latest.iter().map(|(start, value)| (format!("w:{start}"), show(value))).collect();
+        assert!(rows == expected, "{hash}: {} stored windows, {} expected", rows.len(), expected.len());
+    }
+}

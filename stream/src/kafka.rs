@@ -1,0 +1,673 @@
+//! The Kafka runtime: one worker of a consumer group, running the engine of every input partition
+//! assigned to it, exactly once (SPEC §4).
+//!
+//! Each cycle reads a micro-batch, runs it through the partitions' engines, and commits in ONE
+//! Kafka transaction:
+//! - the fired windows (output topic), too-late events (`<topic>.late`) and malformed messages
+//!   (`<topic>.dlq`);
+//! - the engines' state changes, to a compacted changelog topic with one partition per input
+//!   partition (`<group>.<feature set>.changelog`);
+//! - the input offsets, through `send_offsets_to_transaction` with the group's metadata, so a
+//!   worker fenced out of the group cannot commit.
+//!
+//! When a partition is assigned (at start, or when a worker joins or leaves), its engine is
+//! rebuilt from its changelog partition, read with `read_committed` up to the high watermark —
+//! past any transaction still open — before any of its messages is processed. Committed offsets
+//! and changelog come from the same transactions, so a restored engine continues exactly where
+//! the last committed cycle left it. A revoked partition's uncommitted messages are dropped; its
+//! new owner reads them again from the committed offset.
+//!
+//! All transaction calls block, so the worker runs on its own thread, never on an async
+//! executor. The online store is written before each commit with versioned, idempotent writes
+//! (see [`crate::online`]), so a cycle replayed after a crash rewrites the same values.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use lockstep_features::{CompiledFeature, StageEvaluator};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::decode::JsonDecoder;
+use crate::engine::{ChangeKind, Effects, Engine};
+use crate::error::StreamError;
+use crate::metrics::Metrics;
+use crate::online::OnlineStore;
+use crate::records::{window_key, window_key_of, window_value};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    pub brokers: String,
+    /// The consumer group; workers of one group share the partitions.
+    pub group: String,
+    /// This worker's name in the group: its transactional id is `<group>.<feature>.<instance>`.
+    /// A restarted worker must keep its name so its unfinished transaction is aborted at once.
+    pub instance: String,
+    /// End the run once nothing new arrives for this long (a bounded run).
+    pub until_idle: Option<Duration>,
+    /// Most messages per cycle (one transaction).
+    pub max_batch: usize,
+    /// Longest wait to fill a cycle.
+    pub batch_wait: Duration,
+    /// Transaction timeout; a crashed worker's open transaction blocks its partitions this long.
+    pub transaction_timeout: Duration,
+    /// Group session timeout; a crashed worker's partitions move after this long.
+    pub session_timeout: Duration,
+}
+
+impl KafkaOptions {
+    pub fn new(brokers: &str, group: &str, instance: &str) -> Self {
+        KafkaOptions {
+            brokers: brokers.into(),
+            group: group.into(),
+            instance: instance.into(),
+            until_idle: None,
+            max_batch: 5_000,
+            batch_wait: Duration::from_millis(200),
+            transaction_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(6),
+        }
+    }
+}
+
+/// The topics of a feature set's streaming job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub late: String,
+    pub dlq: String,
+    pub changelog: String,
+}
+
+impl Topics {
+    pub fn of(feature: &CompiledFeature, group: &str) -> Result<Self, StreamError> {
+        let input = feature.source.kafka.as_ref().map(|k| k.topic.clone()).ok_or_else(|| {
+            StreamError::Config(format!(
+                "source `{}` has no `kafka: {{ topic: ... }}`; add one, or use --replay URL",
+                feature.source.name
+            ))
+        })?;
+        let name = &feature.feature.name;
+        Ok(Topics {
+            output: feature.feature.output.topic.clone().unwrap_or_else(|| format!("{name}.windows")),
+            late: format!("{input}.late"),
+            dlq: format!("{input}.dlq"),
+            changelog: format!("{group}.{name}.changelog"),
+            input,
+        })
+    }
+}
+
+/// What a worker did.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSummary {
+    pub events: u64,
+    pub dead_lettered: u64,
+    pub too_late: u64,
+    pub windows: u64,
+    pub transactions: u64,
+}
+
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Records rebalances for the worker loop, which acts on them between polls.
+struct GroupContext {
+    topic: String,
+    events: Mutex<Vec<GroupEvent>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+            self.events.lock().expect("not poisoned").push(GroupEvent::Revoked(partitions));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+            self.events.lock().expect("not poisoned").push(GroupEvent::Assigned(partitions));
+        }
+    }
+}
+
+struct PartitionState {
+    engine: Engine,
+}
+
+/// One worker; see the module documentation.
+pub struct Worker {
+    feature: CompiledFeature,
+    options: KafkaOptions,
+    topics: Topics,
+    consumer: BaseConsumer<GroupContext>,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    decoder: JsonDecoder,
+    evaluator: StageEvaluator,
+    partitions: BTreeMap<i32, PartitionState>,
+    online: Option<OnlineStore>,
+    metrics: Arc<Metrics>,
+    summary: KafkaSummary,
+    /// Rebalances seen, to restart the idle clock.
+    assignments: u64,
+    input_partitions: i32,
+}
+
+fn kafka(error: KafkaError) -> StreamError {
+    StreamError::Kafka(error.to_string())
+}
+
+impl Worker {
+    /// Connects, creates missing topics, and joins the group.
+    pub fn start(
+        feature: CompiledFeature,
+        options: KafkaOptions,
+        online: Option<OnlineStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StreamError> {
+        let topics = Topics::of(&feature, &options.group)?;
+        let input_partitions = ensure_topics(&options, &topics)?;
+        let context = GroupContext { topic: topics.input.clone(), events: Mutex::new(Vec::new()) };
+        let consumer: BaseConsumer<GroupContext> = ClientConfig::new()
+            .set("bootstrap.servers", &options.brokers)
+            .set("group.id", &options.group)
+            .set("client.id", format!("lockstep-{}", options.instance))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", (options.session_timeout.as_millis() / 6).max(100).to_string())
+            .set("max.poll.interval.ms", "300000")
+            .create_with_context(context)
+            .map_err(kafka)?;
+        let transactional_id = format!("{}.{}.{}", options.group, feature.feature.name, options.instance);
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &options.brokers)
+            .set("transactional.id", &transactional_id)
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", options.transaction_timeout.as_millis().to_string())
+            .set("message.timeout.ms", (options.transaction_timeout.as_millis() * 9 / 10).to_string())
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(kafka)?;
+        // Aborts whatever this worker's previous run left open, and fences it.
+        producer.init_transactions(Duration::from_secs(60)).map_err(kafka)?;
+        consumer.subscribe(&[&topics.input]).map_err(kafka)?;
+        info!(group = %options.group, %transactional_id, input = %topics.input, "worker started");
+        Ok(Worker {
+            decoder: JsonDecoder::new(&feature.source, feature.source_schema.clone()),
+            evaluator: StageEvaluator::new(&feature)?,
+            feature,
+            options,
+            topics,
+            consumer,
+            producer,
+            partitions: BTreeMap::new(),
+            online,
+            metrics,
+            summary: KafkaSummary::default(),
+            assignments: 0,
+            input_partitions,
+        })
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// Runs until `stop` is set, the input has been idle for `until_idle`, or an error.
+    pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<KafkaSummary, StreamError> {
+        let mut last_message = Instant::now();
+        let mut lag_checked = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if lag_checked.elapsed() >= Duration::from_secs(5) {
+                self.refresh_lag();
+                lag_checked = Instant::now();
+            }
+            let assigned_before = self.assignments;
+            let batch = self.poll_batch()?;
+            if self.assignments != assigned_before {
+                // A new assignment restarts the idle clock: its partitions may hold a backlog.
+                last_message = Instant::now();
+            }
+            if batch.is_empty() {
+                if let Some(idle) = self.options.until_idle
+                    && last_message.elapsed() >= idle
+                    && self.input_consumed()?
+                {
+                    info!(idle_secs = idle.as_secs_f64(), "input idle: firing every open window and stopping");
+                    self.finish()?;
+                    return Ok(self.summary);
+                }
+                continue;
+            }
+            last_message = Instant::now();
+            self.cycle(batch)?;
+        }
+        Ok(self.summary)
+    }
+
+    /// Whether the group has read every input partition to its end: partitions this worker owns
+    /// by its position, the others by the group's committed offset. A bounded run ends only
+    /// then, so a worker that lost a partner waits for the partner's partitions to move to it.
+    fn input_consumed(&self) -> Result<bool, StreamError> {
+        let timeout = Duration::from_secs(10);
+        let position = self.consumer.position().map_err(kafka)?;
+        let mut others = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for p in 0..self.input_partitions {
+            let (_, high) = self.consumer.fetch_watermarks(&self.topics.input, p, timeout).map_err(kafka)?;
+            ends.insert(p, high);
+            if self.partitions.contains_key(&p) {
+                let at = position.find_partition(&self.topics.input, p).and_then(|e| e.offset().to_raw());
+                if high > 0 && at.is_none_or(|at| at < high) {
+                    return Ok(false);
+                }
+            } else {
+                others.add_partition(&self.topics.input, p);
+            }
+        }
+        if others.count() == 0 {
+            return Ok(true);
+        }
+        let committed = self.consumer.committed_offsets(others, timeout).map_err(kafka)?;
+        Ok(committed.elements().iter().all(|e| {
+            let high = ends.get(&e.partition()).copied().unwrap_or(0);
+            high == 0 || e.offset().to_raw().is_some_and(|at| at >= high)
+        }))
+    }
+
+    /// Updates the consumer-lag gauges from the partitions' high watermarks.
+    fn refresh_lag(&self) {
+        for p in self.partitions.keys() {
+            if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.topics.input, *p, Duration::from_secs(1)) {
+                self.metrics.set_high_watermark(*p, high, None);
+            }
+        }
+    }
+
+    /// Reads up to `max_batch` messages within `batch_wait`, handling rebalances as they come.
+    fn poll_batch(&mut self) -> Result<Vec<OwnedMessage>, StreamError> {
+        let deadline = Instant::now() + self.options.batch_wait;
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        while batch.len() < self.options.max_batch {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let polled = self.consumer.poll(deadline - now).map(|m| m.map(|m| m.detach()));
+            self.handle_group_events(&mut batch)?;
+            match polled {
+                None => {}
+                Some(Ok(message)) if self.partitions.contains_key(&message.partition()) => batch.push(message),
+                Some(Ok(_)) => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(error)) => {
+                    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+                        return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
+                    }
+                    warn!(%error, "consumer error");
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    fn handle_group_events(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), StreamError> {
+        let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
+        for event in events {
+            match event {
+                GroupEvent::Revoked(partitions) => {
+                    info!(?partitions, "partitions revoked");
+                    for p in &partitions {
+                        self.partitions.remove(p);
+                    }
+                    batch.retain(|m| !partitions.contains(&m.partition()));
+                }
+                GroupEvent::Assigned(partitions) => {
+                    self.assignments += 1;
+                    info!(?partitions, "partitions assigned; restoring their state");
+                    for p in partitions {
+                        let started = Instant::now();
+                        let engine = self.restore(p)?;
+                        info!(
+                            partition = p,
+                            keys = engine.live_keys(),
+                            millis = started.elapsed().as_millis() as u64,
+                            "state restored"
+                        );
+                        self.partitions.insert(p, PartitionState { engine });
+                    }
+                }
+            }
+        }
+        self.metrics.set_partitions(self.partitions.len());
+        Ok(())
+    }
+
+    /// Rebuilds partition `p`'s engine from its changelog partition.
+    fn restore(&self, p: i32) -> Result<Engine, StreamError> {
+        let mut engine = Engine::new(&self.feature, true)?;
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.options.brokers)
+            .set("group.id", format!("{}.restore", self.options.group))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka)?;
+        let timeout = Duration::from_secs(30);
+        let (low, high) = reader.fetch_watermarks(&self.topics.changelog, p, timeout).map_err(kafka)?;
+        if high <= low {
+            return Ok(engine);
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topics.changelog, p, Offset::Beginning).map_err(kafka)?;
+        reader.assign(&list).map_err(kafka)?;
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        // Past any open transaction: the high watermark, not the last stable offset.
+        let give_up = Instant::now() + self.options.transaction_timeout * 3 + Duration::from_secs(30);
+        loop {
+            if Instant::now() > give_up {
+                return Err(StreamError::Kafka(format!(
+                    "changelog `{}` partition {p} could not be read to offset {high}",
+                    self.topics.changelog
+                )));
+            }
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    if let Some(key) = message.key() {
+                        records.push((key.to_vec(), message.payload().map(|v| v.to_vec())));
+                    }
+                    if message.offset() + 1 >= high {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    let position = reader.position().map_err(kafka)?;
+                    let at = position
+                        .find_partition(&self.topics.changelog, p)
+                        .and_then(|e| e.offset().to_raw())
+                        .unwrap_or(0);
+                    if at >= high {
+                        break;
+                    }
+                }
+                Some(Err(error)) => return Err(kafka(error)),
+            }
+        }
+        engine.restore(records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))?;
+        Ok(engine)
+    }
+
+    /// Processes one micro-batch and commits its effects and offsets in one transaction.
+    fn cycle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), StreamError> {
+        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+        for message in batch {
+            by_partition.entry(message.partition()).or_default().push(message);
+        }
+        self.producer.begin_transaction().map_err(kafka)?;
+        let mut offsets = TopicPartitionList::new();
+        for (p, messages) in &by_partition {
+            self.process_partition(*p, messages)?;
+            let next = messages.last().map_or(0, |m| m.offset() + 1);
+            let last_ms = messages.last().and_then(|m| m.timestamp().to_millis());
+            self.metrics.set_high_watermark(*p, next, last_ms);
+            offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(next)).map_err(kafka)?;
+            self.metrics.set_position(*p, next);
+        }
+        if let Some(online) = &mut self.online {
+            online.flush()?;
+        }
+        let metadata = self.consumer.group_metadata().ok_or_else(|| StreamError::Kafka("no group metadata".into()))?;
+        let started = Instant::now();
+        self.producer.send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30)).map_err(kafka)?;
+        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        self.metrics.observe_commit(started.elapsed());
+        self.summary.transactions += 1;
+        Ok(())
+    }
+
+    fn process_partition(&mut self, p: i32, messages: &[OwnedMessage]) -> Result<(), StreamError> {
+        let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload()).collect();
+        let decoded = self.decoder.decode(&payloads);
+        for (index, error) in &decoded.errors {
+            let message = &messages[*index];
+            let source = format!("{p}/{}", message.offset());
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "lockstep.error", value: Some(error.as_str()) })
+                .insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.dlq).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.payload() {
+                record = record.payload(value);
+            }
+            send(&self.producer, record)?;
+            self.summary.dead_lettered += 1;
+            self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        let now_ms = now_millis();
+        let state = self.partitions.get_mut(&p).expect("messages come only from assigned partitions");
+        let (stage, passes) = self.evaluator.evaluate(&decoded.rows)?;
+        let seqs: Vec<u64> = decoded.messages.iter().map(|i| messages[*i].offset() as u64).collect();
+        self.metrics.observe_arrivals(&stage, self.feature.layout().time, now_ms);
+        let effects = state.engine.process(&stage, &passes, &seqs)?;
+        self.summary.events += decoded.rows.num_rows() as u64;
+        self.metrics.events.fetch_add(decoded.rows.num_rows() as u64, Ordering::Relaxed);
+        for late in &effects.late {
+            let message = &messages[decoded.messages[late.row]];
+            let source = format!("{p}/{}", message.offset());
+            let windows = serde_json::to_string(&late.windows).expect("pairs of integers serialize");
+            let watermark = late.watermark.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "lockstep.reason", value: Some(late.reason.as_str()) })
+                .insert(Header { key: "lockstep.watermark", value: Some(watermark.as_str()) })
+                .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) })
+                .insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.late).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.payload() {
+                record = record.payload(value);
+            }
+            send(&self.producer, record)?;
+        }
+        self.summary.too_late += effects.late.len() as u64;
+        self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
+        self.metrics.late_applied.store(state.engine.counters().late_applied, Ordering::Relaxed);
+        let engine = &self.partitions[&p].engine;
+        emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+        self.summary.windows += effects.changes.len() as u64;
+        if let Some(w) = engine.watermark() {
+            self.metrics.set_watermark(p, w, now_ms);
+        }
+        let state = self.partitions.get_mut(&p).expect("assigned");
+        for (key, value) in state.engine.take_changes() {
+            let mut record: BaseRecord<'_, [u8], [u8]> =
+                BaseRecord::to(&self.topics.changelog).partition(p).key(key.as_slice());
+            if let Some(value) = &value {
+                record = record.payload(value.as_slice());
+            }
+            send(&self.producer, record)?;
+        }
+        Ok(())
+    }
+
+    /// The end of a bounded run: every open window of every assigned partition fires, in one
+    /// last transaction. The state changelog is left as it was, so a restarted run fires the
+    /// same windows with the same values again.
+    fn finish(&mut self) -> Result<(), StreamError> {
+        self.producer.begin_transaction().map_err(kafka)?;
+        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in partitions {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            let effects = state.engine.finish(u64::MAX)?;
+            let engine = &self.partitions[&p].engine;
+            emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            self.summary.windows += effects.changes.len() as u64;
+        }
+        if let Some(online) = &mut self.online {
+            online.flush()?;
+        }
+        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        self.summary.transactions += 1;
+        Ok(())
+    }
+}
+
+/// Sends fired windows and retractions to the output topic and the online store.
+fn emit(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topics: &Topics,
+    feature: &CompiledFeature,
+    engine: &Engine,
+    effects: &Effects,
+    mut online: Option<&mut OnlineStore>,
+    metrics: &Metrics,
+) -> Result<(), StreamError> {
+    if effects.changes.is_empty() {
+        return Ok(());
+    }
+    let keys = feature.key_types.len();
+    let rows: Option<&RecordBatch> = effects.rows.as_ref();
+    let retracted: Vec<&crate::engine::Change> = effects.changes.iter().filter(|c| c.row.is_none()).collect();
+    let retracted_keys = if retracted.is_empty() {
+        Vec::new()
+    } else {
+        engine.key_columns(&retracted.iter().map(|c| &c.key).collect::<Vec<_>>())?
+    };
+    let mut retraction = 0;
+    let mut latest_end = i64::MIN;
+    for change in &effects.changes {
+        let label = match change.kind {
+            ChangeKind::Fire => "fire",
+            ChangeKind::Refire => "refire",
+            ChangeKind::Retract => "retract",
+        };
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "lockstep.change", value: Some(label) })
+            .insert(Header { key: "lockstep.feature", value: Some(feature.feature.name.as_str()) });
+        match (change.row, rows) {
+            (Some(row), Some(rows)) => {
+                let key = window_key(rows, keys, row);
+                let value = window_value(rows, row);
+                send(
+                    producer,
+                    BaseRecord::to(&topics.output).key(key.as_slice()).payload(value.as_slice()).headers(headers),
+                )?;
+                if let Some(store) = online.as_deref_mut() {
+                    store.upsert(feature, rows, row, change.seq)?;
+                }
+                latest_end = latest_end.max(change.end);
+            }
+            _ => {
+                let key = window_key_of(&feature.feature.key, &retracted_keys, retraction, change.start);
+                send(producer, BaseRecord::<'_, [u8], [u8]>::to(&topics.output).key(key.as_slice()).headers(headers))?;
+                if let Some(store) = online.as_deref_mut() {
+                    store.delete(feature, &retracted_keys, retraction, change.start, change.seq)?;
+                }
+                retraction += 1;
+            }
+        }
+    }
+    metrics.windows_fired.fetch_add(effects.changes.len() as u64, Ordering::Relaxed);
+    if latest_end > i64::MIN {
+        metrics.set_last_window_end(latest_end);
+    }
+    Ok(())
+}
+
+/// Enqueues a record, waiting while the local queue is full.
+fn send<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    record: BaseRecord<'_, K, P>,
+) -> Result<(), StreamError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    let mut record = record;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((error, _)) => return Err(kafka(error)),
+        }
+    }
+}
+
+/// Creates the job's topics that do not exist yet; the input topic must exist. Returns its
+/// number of partitions.
+fn ensure_topics(options: &KafkaOptions, topics: &Topics) -> Result<i32, StreamError> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &options.brokers).create().map_err(kafka)?;
+    let metadata = admin.inner().fetch_metadata(Some(&topics.input), Duration::from_secs(30)).map_err(kafka)?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topics.input && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            StreamError::Kafka(format!(
+                "source topic `{}` does not exist on {}; create it keyed by the feature key",
+                topics.input, options.brokers
+            ))
+        })?;
+    let compact = [("cleanup.policy", "compact")];
+    let new = [
+        NewTopic::new(&topics.output, partitions as i32, TopicReplication::Fixed(1)),
+        NewTopic::new(&topics.late, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&topics.dlq, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&topics.changelog, partitions as i32, TopicReplication::Fixed(1)).set(compact[0].0, compact[0].1),
+    ];
+    let results = futures::executor::block_on(admin.create_topics(&new, &AdminOptions::new())).map_err(kafka)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(StreamError::Kafka(format!("cannot create topic `{topic}`: {code}"))),
+        }
+    }
+    // The changelog must match the input partition for partition.
+    let changelog = admin.inner().fetch_metadata(Some(&topics.changelog), Duration::from_secs(30)).map_err(kafka)?;
+    let changelog_partitions = changelog.topics().first().map_or(0, |t| t.partitions().len());
+    if changelog_partitions != partitions {
+        return Err(StreamError::Kafka(format!(
+            "changelog `{}` has {changelog_partitions} partitions but `{}` has {partitions}; they must match",
+            topics.changelog, topics.input
+        )));
+    }
+    Ok(partitions as i32)
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

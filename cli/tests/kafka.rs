@@ -511,3 +511,108 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
         assert!(rows == expected, "{hash}: {} stored windows, {} expected", rows.len(), expected.len());
     }
 }
+
+#[test]
+fn the_online_store_never_moves_a_window_backwards() {
+    use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    use lockstep_stream::online::OnlineStore;
+    use std::sync::Arc;
+    let Some(redis_url) = service("REDIS_URL") else { return };
+    let feature_name = unique("versions").replace('-', "_");
+    let text = format!(
+        "sources:\n  s:\n    schema: {{ k: string, t: timestamp }}\n    event_time: t\nfeatures:\n  {feature_name}:\n    source: s\n    key: [k]\n    window: {{ tumbling: 1m }}\n    aggregations: {{ n: count(*) }}\n"
+    );
+    let definitions = Definitions::parse("v.yaml", &text, Path::new(".")).unwrap();
+    let compiled = compile_feature(&definitions, definitions.feature(&feature_name).unwrap()).unwrap();
+    let row = |n: i64| {
+        RecordBatch::try_new(
+            compiled.output_schema(),
+            vec![
+                Arc::new(StringArray::from(vec!["a"])),
+                Arc::new(TimestampMillisecondArray::from(vec![0]).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(vec![60_000]).with_timezone("UTC")),
+                Arc::new(Int64Array::from(vec![n])),
+            ],
+        )
+        .unwrap()
+    };
+    let mut store = OnlineStore::connect(&redis_url, &compiled).unwrap();
+    let mut connection = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
+    let hash = format!("lockstep:{feature_name}:[\"a\"]");
+    let stored = |connection: &mut redis::Connection| -> Option<String> {
+        redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
+    };
+    store.upsert(&compiled, &row(2), 0, 10).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
+    // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
+    store.upsert(&compiled, &row(1), 0, 5).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
+    store.upsert(&compiled, &row(3), 0, 10).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
+    // Retractions follow the same rule.
+    let keys: Vec<arrow::array::ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
+    store.delete(&compiled, &keys, 0, 0, 9).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).is_some());
+    store.delete(&compiled, &keys, 0, 0, 11).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).is_none());
+    let ttl: i64 = redis::cmd("PTTL").arg(&hash).query(&mut connection).unwrap();
+    assert!(ttl > 0, "the key expires");
+}
+
+/// `GET /metrics` on `addr`, or `None` while the server is not up.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name) && !l.starts_with('#'))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_while_the_job_runs() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "metrics", 2, options(20_000, 13), "2m").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = fixture.job("velocity", &unique("g"), "w1", &["--no-online", "--max-batch", "500", "--metrics", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(text) = scrape(&addr) {
+            last = text;
+            if metric(&last, "lockstep_windows_fired_total").is_some_and(|n| n > 0.0) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+    for name in [
+        "lockstep_events_total",
+        "lockstep_too_late_total",
+        "lockstep_dead_lettered_total",
+        "lockstep_windows_fired_total",
+        "lockstep_consumer_lag_messages",
+        "lockstep_consumer_lag_seconds",
+        "lockstep_watermark_lag_seconds",
+        "lockstep_transaction_commit_seconds_bucket",
+        "lockstep_arrival_latency_total",
+        "lockstep_feature_freshness_seconds",
+    ] {
+        assert!(metric(&last, name).is_some(), "{name} missing from:\n{last}");
+    }
+    assert!(metric(&last, "lockstep_events_total").unwrap() > 0.0);
+}

@@ -281,6 +281,30 @@ impl Engine {
         self.take_effects()
     }
 
+    /// The time of the earliest pending timer (a window end or a release), if any.
+    pub fn next_timer(&self) -> Option<i64> {
+        self.timers.first().map(|(time, _)| *time)
+    }
+
+    /// The source's watermark delay in milliseconds.
+    pub fn watermark_delay(&self) -> i64 {
+        self.watermark.delay()
+    }
+
+    /// Processing-time progress for a silent partition (`idle_timeout`): the watermark moves as
+    /// if an event at `now_ms` had arrived, and the windows it passes fire.
+    pub fn advance_idle(&mut self, now_ms: i64, seq: u64) -> Result<Effects> {
+        let before = self.watermark.current();
+        self.watermark.advance(now_ms);
+        if self.watermark.current() != before {
+            if let Some(t) = self.tracking.as_mut() {
+                t.watermark_moved = true;
+            }
+            self.run_timers(seq)?;
+        }
+        self.take_effects()
+    }
+
     fn take_effects(&mut self) -> Result<Effects> {
         let rows = if self.sink_rows > 0 { self.sink.finish(&self.converter)? } else { None };
         self.sink_rows = 0;
@@ -900,4 +924,115 @@ fn put_states(states: &[Partial], out: &mut Vec<u8>) {
 fn take_states(input: &mut &[u8], n: usize) -> Option<Vec<Partial>> {
     let states = (0..n).map(|_| decode_partial(input)).collect::<Option<Vec<_>>>()?;
     input.is_empty().then_some(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+    use lockstep_features::{Definitions, compile_feature};
+    use std::sync::Arc;
+
+    fn feature(window: &str, watermark: &str, lateness: &str) -> CompiledFeature {
+        let text = format!(
+            "sources:\n  s:\n    schema: {{ k: string, t: timestamp, x: float64 }}\n    event_time: t\n    watermark: {watermark}\n    allowed_lateness: {lateness}\nfeatures:\n  f:\n    source: s\n    key: [k]\n    window: {window}\n    aggregations: {{ n: count(*), total: sum(x) }}\n"
+        );
+        let definitions = Definitions::parse("t.yaml", &text, std::path::Path::new(".")).unwrap();
+        compile_feature(&definitions, definitions.feature("f").unwrap()).unwrap()
+    }
+
+    /// Feeds (key, time) events one call each; returns every change as (kind, key, start, end, n).
+    fn feed(
+        engine: &mut Engine,
+        feature: &CompiledFeature,
+        events: &[(&str, i64)],
+    ) -> Vec<(ChangeKind, i64, i64, Option<i64>)> {
+        let evaluator = StageEvaluator::new(feature).unwrap();
+        let mut out = Vec::new();
+        for (i, (key, time)) in events.iter().enumerate() {
+            let batch = RecordBatch::try_new(
+                feature.source_schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(vec![*key])),
+                    Arc::new(TimestampMillisecondArray::from(vec![*time]).with_timezone("UTC")),
+                    Arc::new(Float64Array::from(vec![1.0])),
+                ],
+            )
+            .unwrap();
+            let (stage, passes) = evaluator.evaluate(&batch).unwrap();
+            let effects = engine.process(&stage, &passes, &[i as u64]).unwrap();
+            out.extend(changes(&effects));
+        }
+        out
+    }
+
+    fn changes(effects: &Effects) -> Vec<(ChangeKind, i64, i64, Option<i64>)> {
+        effects
+            .changes
+            .iter()
+            .map(|c| {
+                let n = c.row.map(|r| {
+                    effects
+                        .rows
+                        .as_ref()
+                        .unwrap()
+                        .column(3)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .unwrap()
+                        .value(r)
+                });
+                (c.kind, c.start, c.end, n)
+            })
+            .collect()
+    }
+
+    use lockstep_features::StageEvaluator;
+
+    #[test]
+    fn a_late_event_merging_fired_sessions_retracts_the_superseded_row() {
+        let f = feature("{ session: 10ms }", "0s", "1s");
+        let mut engine = Engine::new(&f, true).unwrap();
+        // Sessions [0, 10) and [15, 25) fire once the watermark passes their ends.
+        let mut got = feed(&mut engine, &f, &[("a", 0), ("a", 15), ("a", 40)]);
+        assert_eq!(got, vec![(ChangeKind::Fire, 0, 10, Some(1)), (ChangeKind::Fire, 15, 25, Some(1))]);
+        // An event at 8 is late (watermark 40) but within lateness: it joins [0, 10) and [15, 25)
+        // into [0, 25): the row starting at 15 is retracted and the row at 0 fires again.
+        got = feed(&mut engine, &f, &[("a", 8)]);
+        assert_eq!(got, vec![(ChangeKind::Retract, 15, 25, None), (ChangeKind::Refire, 0, 25, Some(3))]);
+        assert_eq!(engine.counters().retracted, 1);
+        // A session event is too late once t + gap + lateness <= watermark: 40 - 10 - 1000 < 0.
+        let feature0 = feature("{ session: 10ms }", "0s", "0s");
+        let mut late = Engine::new(&feature0, false).unwrap();
+        feed(&mut late, &feature0, &[("a", 0), ("a", 30)]);
+        assert!(feed(&mut late, &feature0, &[("a", 20)]).is_empty());
+        assert_eq!(late.counters().too_late, 1);
+    }
+
+    #[test]
+    fn an_idle_partition_fires_on_processing_time() {
+        let feature = feature("{ tumbling: 10ms }", "5ms", "0s");
+        let mut engine = Engine::new(&feature, false).unwrap();
+        assert!(feed(&mut engine, &feature, &[("a", 1), ("b", 12)]).is_empty());
+        let effects = engine.advance_idle(30, 2).unwrap();
+        assert_eq!(changes(&effects), vec![(ChangeKind::Fire, 0, 10, Some(1)), (ChangeKind::Fire, 10, 20, Some(1))]);
+        assert_eq!(engine.watermark(), Some(25));
+    }
+
+    #[test]
+    fn a_refired_window_replaces_its_value_and_stale_panes_are_released() {
+        let feature = feature("{ sliding: 20ms, every: 10ms }", "0s", "15ms");
+        let mut engine = Engine::new(&feature, false).unwrap();
+        let got = feed(&mut engine, &feature, &[("a", 5), ("a", 25)]);
+        // Watermark 25 passes the ends 10 and 20 of the windows holding the event at 5.
+        assert_eq!(got, vec![(ChangeKind::Fire, -10, 10, Some(1)), (ChangeKind::Fire, 0, 20, Some(1))]);
+        // An event at 7: [-10, 10) is past lateness (25 >= 10 + 15), [0, 20) is within it.
+        let got = feed(&mut engine, &feature, &[("a", 7)]);
+        assert_eq!(got, vec![(ChangeKind::Refire, 0, 20, Some(2))]);
+        assert_eq!(engine.counters().too_late, 1);
+        // The end of input fires the rest and releases every key.
+        let effects = engine.finish(9).unwrap();
+        assert_eq!(changes(&effects), vec![(ChangeKind::Fire, 10, 30, Some(1)), (ChangeKind::Fire, 20, 40, Some(1))]);
+        assert_eq!(engine.live_keys(), 0);
+    }
 }

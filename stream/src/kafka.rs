@@ -152,6 +152,10 @@ impl ConsumerContext for GroupContext {
 
 struct PartitionState {
     engine: Engine,
+    /// When the partition last delivered a message (or was assigned).
+    last_message: Instant,
+    /// The offset after the last message processed (0 before any).
+    next_offset: i64,
 }
 
 /// One worker; see the module documentation.
@@ -253,6 +257,7 @@ impl Worker {
                 last_message = Instant::now();
             }
             if batch.is_empty() {
+                self.fire_idle_partitions()?;
                 if let Some(idle) = self.options.until_idle
                     && last_message.elapsed() >= idle
                     && self.input_consumed()?
@@ -265,6 +270,7 @@ impl Worker {
             }
             last_message = Instant::now();
             self.cycle(batch)?;
+            self.fire_idle_partitions()?;
         }
         Ok(self.summary)
     }
@@ -358,7 +364,8 @@ impl Worker {
                             millis = started.elapsed().as_millis() as u64,
                             "state restored"
                         );
-                        self.partitions.insert(p, PartitionState { engine });
+                        self.partitions
+                            .insert(p, PartitionState { engine, last_message: Instant::now(), next_offset: 0 });
                     }
                 }
             }
@@ -437,6 +444,10 @@ impl Worker {
             self.metrics.set_high_watermark(*p, next, last_ms);
             offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(next)).map_err(kafka)?;
             self.metrics.set_position(*p, next);
+            if let Some(state) = self.partitions.get_mut(p) {
+                state.last_message = Instant::now();
+                state.next_offset = next;
+            }
         }
         if let Some(online) = &mut self.online {
             online.flush()?;
@@ -507,14 +518,43 @@ impl Worker {
             self.metrics.set_watermark(p, w, now_ms);
         }
         let state = self.partitions.get_mut(&p).expect("assigned");
-        for (key, value) in state.engine.take_changes() {
-            let mut record: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(&self.topics.changelog).partition(p).key(key.as_slice());
-            if let Some(value) = &value {
-                record = record.payload(value.as_slice());
-            }
-            send(&self.producer, record)?;
+        write_changelog(&self.producer, &self.topics, p, &mut state.engine)
+    }
+
+    /// With the source's `idle_timeout`, a partition silent for that long moves its watermark on
+    /// processing time, and the windows it passes fire (in one transaction).
+    fn fire_idle_partitions(&mut self) -> Result<(), StreamError> {
+        let Some(timeout) = self.feature.source.idle_timeout else { return Ok(()) };
+        let timeout = Duration::from_millis(timeout.millis().max(0) as u64);
+        let now = now_millis();
+        let due: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| {
+                s.last_message.elapsed() >= timeout
+                    && s.engine.next_timer().is_some_and(|t| t <= now.saturating_sub(s.engine.watermark_delay()))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
         }
+        info!(?due, "idle partitions: advancing their watermarks on processing time");
+        self.producer.begin_transaction().map_err(kafka)?;
+        for p in due {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            let effects = state.engine.advance_idle(now, state.next_offset.max(0) as u64)?;
+            let engine = &self.partitions[&p].engine;
+            emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            self.summary.windows += effects.changes.len() as u64;
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            write_changelog(&self.producer, &self.topics, p, &mut state.engine)?;
+        }
+        if let Some(online) = &mut self.online {
+            online.flush()?;
+        }
+        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        self.summary.transactions += 1;
         Ok(())
     }
 
@@ -526,7 +566,7 @@ impl Worker {
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
         for p in partitions {
             let state = self.partitions.get_mut(&p).expect("listed above");
-            let effects = state.engine.finish(u64::MAX)?;
+            let effects = state.engine.finish(state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
             emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
@@ -598,6 +638,24 @@ fn emit(
     metrics.windows_fired.fetch_add(effects.changes.len() as u64, Ordering::Relaxed);
     if latest_end > i64::MIN {
         metrics.set_last_window_end(latest_end);
+    }
+    Ok(())
+}
+
+/// Sends the engine's state changes to its changelog partition.
+fn write_changelog(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topics: &Topics,
+    partition: i32,
+    engine: &mut Engine,
+) -> Result<(), StreamError> {
+    for (key, value) in engine.take_changes() {
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&topics.changelog).partition(partition).key(key.as_slice());
+        if let Some(value) = &value {
+            record = record.payload(value.as_slice());
+        }
+        send(producer, record)?;
     }
     Ok(())
 }

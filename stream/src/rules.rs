@@ -31,6 +31,11 @@ impl Watermark {
         self.max_event_time.map(|t| t.saturating_sub(self.delay))
     }
 
+    /// The bounded out-of-orderness, in milliseconds.
+    pub fn delay(&self) -> i64 {
+        self.delay
+    }
+
     /// The largest event time seen, if any.
     pub fn max_event_time(&self) -> Option<i64> {
         self.max_event_time

@@ -85,6 +85,24 @@ enum Command {
         #[arg(long)]
         partitions: Option<usize>,
     },
+    /// Send a JSON-lines file to a Kafka topic, one message per line, keyed by a field.
+    Produce {
+        /// The JSON-lines file (e.g. from `lockstep generate --format jsonl`).
+        file: PathBuf,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        /// The field whose value keys each message (the feature key).
+        #[arg(long, default_value = "user_id")]
+        key: String,
+        /// Messages per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Create the topic with this many partitions if it does not exist.
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+    },
     /// Run a feature set as a streaming job: from Kafka, or replaying a history in arrival order.
     Stream {
         file: PathBuf,
@@ -182,6 +200,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 partitions: partitions.unwrap_or_else(|| SessionLimits::default().partitions),
             };
             batch(&file, &feature, history, history_format, out, format, limits, cli.quiet).await
+        }
+        Command::Produce { file, brokers, topic, key, rate, partitions } => {
+            produce(&file, &brokers, &topic, &key, rate, partitions, cli.quiet).await
         }
         Command::Stream {
             file,
@@ -316,6 +337,36 @@ async fn batch(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn produce(
+    file: &Path,
+    brokers: &str,
+    topic: &str,
+    key: &str,
+    rate: Option<u64>,
+    partitions: i32,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let bar = progress::bar(quiet, lines.len() as u64, "producing");
+    let (brokers, topic, key) = (brokers.to_string(), topic.to_string(), key.to_string());
+    let started = std::time::Instant::now();
+    let lines: Vec<String> = lines.into_iter().map(str::to_string).collect();
+    let count = lines.len();
+    let ticking = bar.clone();
+    tokio::task::spawn_blocking(move || {
+        lockstep_stream::produce::produce_lines(&brokers, &topic, &key, partitions, &lines, rate, |n| {
+            ticking.set_position(n as u64)
+        })
+    })
+    .await
+    .context("the producer panicked")??;
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("produced {count} messages in {elapsed:.2}s ({:.0}/s)", count as f64 / elapsed.max(1e-9));
+    Ok(ExitCode::SUCCESS)
+}
+
 struct KafkaRun {
     brokers: String,
     group: Option<String>,
@@ -374,6 +425,17 @@ async fn stream_kafka(file: &Path, feature: &str, run: KafkaRun) -> Result<ExitC
     .context("the streaming worker panicked")?
     .with_context(|| format!("feature set `{feature}`"))?;
     let (summary, topics) = summary;
+    let busy = summary.busy.as_secs_f64();
+    if busy > 0.0 {
+        let latency = metrics
+            .output_latency_percentiles(&[50.0, 99.0])
+            .map_or(String::new(), |q| format!("; produce → output p50 {} ms, p99 {} ms", q[0], q[1]));
+        println!(
+            "{feature}: sustained {:.0} events/s over {:.2}s of processing{latency}",
+            summary.events as f64 / busy,
+            busy
+        );
+    }
     println!(
         "{feature}: {} events in {:.1}s, {} window changes → {}, {} too late → {}, {} dead-lettered → {}, {} transactions",
         summary.events,

@@ -119,6 +119,8 @@ pub struct KafkaSummary {
     pub too_late: u64,
     pub windows: u64,
     pub transactions: u64,
+    /// Time spent in cycles (reading excluded): events / busy is the sustained throughput.
+    pub busy: Duration,
 }
 
 enum GroupEvent {
@@ -174,6 +176,8 @@ pub struct Worker {
     /// Rebalances seen, to restart the idle clock.
     assignments: u64,
     input_partitions: i32,
+    /// Produce times (ms) of the messages that caused this cycle's window changes.
+    produced: Vec<i64>,
 }
 
 fn kafka(error: KafkaError) -> StreamError {
@@ -234,6 +238,7 @@ impl Worker {
             summary: KafkaSummary::default(),
             assignments: 0,
             input_partitions,
+            produced: Vec::new(),
         })
     }
 
@@ -431,6 +436,7 @@ impl Worker {
 
     /// Processes one micro-batch and commits its effects and offsets in one transaction.
     fn cycle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), StreamError> {
+        let cycle_started = Instant::now();
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for message in batch {
             by_partition.entry(message.partition()).or_default().push(message);
@@ -451,13 +457,18 @@ impl Worker {
         }
         if let Some(online) = &mut self.online {
             online.flush()?;
+            self.metrics.observe_output_latency(&self.produced, now_millis());
+            self.produced.clear();
         }
         let metadata = self.consumer.group_metadata().ok_or_else(|| StreamError::Kafka("no group metadata".into()))?;
         let started = Instant::now();
         self.producer.send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30)).map_err(kafka)?;
         self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
         self.metrics.observe_commit(started.elapsed());
+        self.metrics.observe_output_latency(&self.produced, now_millis());
+        self.produced.clear();
         self.summary.transactions += 1;
+        self.summary.busy += cycle_started.elapsed();
         Ok(())
     }
 
@@ -514,6 +525,12 @@ impl Worker {
         let engine = &self.partitions[&p].engine;
         emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
         self.summary.windows += effects.changes.len() as u64;
+        for change in &effects.changes {
+            let at = messages.partition_point(|m| (m.offset() as u64) < change.seq);
+            if let Some(produced) = messages.get(at).and_then(|m| m.timestamp().to_millis()) {
+                self.produced.push(produced);
+            }
+        }
         if let Some(w) = engine.watermark() {
             self.metrics.set_watermark(p, w, now_ms);
         }

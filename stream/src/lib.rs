@@ -11,6 +11,7 @@ pub mod error;
 pub mod kafka;
 pub mod metrics;
 pub mod online;
+pub mod produce;
 pub mod records;
 pub mod replay;
 pub mod rules;

@@ -34,6 +34,8 @@ pub struct Metrics {
     last_window_end: AtomicI64,
     arrivals: [AtomicU64; 4],
     commits: Mutex<Histogram>,
+    /// Produce-to-output latencies in milliseconds (a bounded sample for percentiles).
+    output_latency: Mutex<Vec<u32>>,
     per_partition: Mutex<BTreeMap<i32, PartitionGauges>>,
 }
 
@@ -96,6 +98,31 @@ impl Metrics {
         }
         histogram.count += 1;
         histogram.sum += seconds;
+    }
+
+    /// Records the latency from each causing message's produce time to `now_ms`, when its
+    /// window reached the online store (or the committed output without a store).
+    pub fn observe_output_latency(&self, produced_ms: &[i64], now_ms: i64) {
+        if produced_ms.is_empty() {
+            return;
+        }
+        let mut samples = self.output_latency.lock().expect("not poisoned");
+        for t in produced_ms {
+            if samples.len() >= 4_000_000 {
+                break;
+            }
+            samples.push(now_ms.saturating_sub(*t).clamp(0, u32::MAX as i64) as u32);
+        }
+    }
+
+    /// Percentiles (0–100) of the produce-to-output latency in milliseconds.
+    pub fn output_latency_percentiles(&self, percentiles: &[f64]) -> Option<Vec<u32>> {
+        let mut samples = self.output_latency.lock().expect("not poisoned").clone();
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        Some(percentiles.iter().map(|p| samples[((p / 100.0) * (samples.len() - 1) as f64).round() as usize]).collect())
     }
 
     /// Counts the arrival latency of the events of `stage` (event time in column `time`).
@@ -199,6 +226,22 @@ impl Metrics {
                 out,
                 "# HELP lockstep_feature_freshness_seconds Now minus the latest window_end fired.\n# TYPE lockstep_feature_freshness_seconds gauge\nlockstep_feature_freshness_seconds{{{label}}} {}",
                 (now_ms - last) as f64 / 1000.0
+            );
+        }
+        if let Some(q) = self.output_latency_percentiles(&[50.0, 99.0]) {
+            let _ = writeln!(
+                out,
+                "# HELP lockstep_produce_to_output_seconds Produce time of the causing event to the window in the online store.\n# TYPE lockstep_produce_to_output_seconds summary"
+            );
+            let _ = writeln!(
+                out,
+                "lockstep_produce_to_output_seconds{{{label},quantile=\"0.5\"}} {}",
+                q[0] as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "lockstep_produce_to_output_seconds{{{label},quantile=\"0.99\"}} {}",
+                q[1] as f64 / 1000.0
             );
         }
         let histogram = self.commits.lock().expect("not poisoned");

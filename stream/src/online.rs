@@ -20,34 +20,36 @@ use serde_json::Value as Json;
 use crate::error::StreamError;
 use crate::records::{cell_json, window_value};
 
-/// Versioned upsert or delete, then trimming and expiry, in one atomic step.
+/// Versioned upserts and deletes of one hash, then trimming and expiry, in one atomic step.
+/// ARGV: retain, ttl ms, then (window start, version, row JSON or '' to delete) triples.
 const WRITE: &str = r#"
-local field = ARGV[1]
-local version = ARGV[2]
-local current = redis.call('HGET', KEYS[1], 'v:' .. field)
-if current and current > version then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'v:' .. field, version)
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], 'w:' .. field)
-else
-  redis.call('HSET', KEYS[1], 'w:' .. field, ARGV[3])
-end
-local retain = tonumber(ARGV[4])
-local starts = {}
-for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(name, 1, 2) == 'v:' then
-    table.insert(starts, tonumber(string.sub(name, 3)))
+local retain = tonumber(ARGV[1])
+for i = 3, #ARGV, 3 do
+  local field = ARGV[i]
+  local version = ARGV[i + 1]
+  local current = redis.call('HGET', KEYS[1], 'v:' .. field)
+  if not current or current <= version then
+    redis.call('HSET', KEYS[1], 'v:' .. field, version)
+    if ARGV[i + 2] == '' then
+      redis.call('HDEL', KEYS[1], 'w:' .. field)
+    else
+      redis.call('HSET', KEYS[1], 'w:' .. field, ARGV[i + 2])
+    end
   end
 end
-if #starts > retain then
+if redis.call('HLEN', KEYS[1]) > 2 * retain then
+  local starts = {}
+  for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(name, 1, 2) == 'v:' then
+      table.insert(starts, tonumber(string.sub(name, 3)))
+    end
+  end
   table.sort(starts)
   for i = 1, #starts - retain do
     redis.call('HDEL', KEYS[1], 'v:' .. starts[i], 'w:' .. starts[i])
   end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
@@ -56,8 +58,10 @@ pub struct OnlineStore {
     url: String,
     connection: redis::Connection,
     sha: String,
-    pipeline: redis::Pipeline,
-    pending: usize,
+    /// Buffered writes per hash, in order: (window start, version, row JSON or empty).
+    pending: std::collections::HashMap<String, Vec<(i64, u64, String)>>,
+    /// Hashes in first-write order, so flushes are deterministic.
+    order: Vec<String>,
     retain: usize,
     ttl_ms: u64,
 }
@@ -92,26 +96,21 @@ impl OnlineStore {
             url: url.into(),
             connection,
             sha,
-            pipeline: redis::pipe(),
-            pending: 0,
+            pending: std::collections::HashMap::new(),
+            order: Vec::new(),
             retain: retained_windows(feature),
             ttl_ms,
         })
     }
 
-    fn write(&mut self, hash: String, start: i64, version: u64, value: &str) {
-        self.pipeline
-            .cmd("EVALSHA")
-            .arg(&self.sha)
-            .arg(1)
-            .arg(hash)
-            .arg(start)
-            .arg(format!("{version:020}"))
-            .arg(value)
-            .arg(self.retain)
-            .arg(self.ttl_ms)
-            .ignore();
-        self.pending += 1;
+    fn write(&mut self, hash: String, start: i64, version: u64, value: String) {
+        match self.pending.get_mut(&hash) {
+            Some(writes) => writes.push((start, version, value)),
+            None => {
+                self.order.push(hash.clone());
+                self.pending.insert(hash, vec![(start, version, value)]);
+            }
+        }
     }
 
     /// Buffers the row `row` of `rows` (output schema) with version `version`.
@@ -129,7 +128,7 @@ impl OnlineStore {
             _ => 0,
         };
         let value = String::from_utf8(window_value(rows, row)).expect("JSON is UTF-8");
-        self.write(hash_name(&feature.feature.name, &key), start, version, &value);
+        self.write(hash_name(&feature.feature.name, &key), start, version, value);
         Ok(())
     }
 
@@ -143,21 +142,25 @@ impl OnlineStore {
         version: u64,
     ) -> Result<(), StreamError> {
         let key: Vec<Json> = key_columns.iter().map(|c| cell_json(c, row)).collect();
-        self.write(hash_name(&feature.feature.name, &key), start, version, "");
+        self.write(hash_name(&feature.feature.name, &key), start, version, String::new());
         Ok(())
     }
 
-    /// Sends the buffered writes.
+    /// Sends the buffered writes: one script call per hash, pipelined.
     pub fn flush(&mut self) -> Result<(), StreamError> {
-        if self.pending == 0 {
+        if self.order.is_empty() {
             return Ok(());
         }
-        let result: redis::RedisResult<()> = self.pipeline.query(&mut self.connection);
-        if let Err(error) = result {
-            return Err(StreamError::Execution(format!("online store {}: {error}", self.url)));
+        let mut pipeline = redis::pipe();
+        for hash in std::mem::take(&mut self.order) {
+            let writes = self.pending.remove(&hash).unwrap_or_default();
+            let command = pipeline.cmd("EVALSHA").arg(&self.sha).arg(1).arg(hash).arg(self.retain).arg(self.ttl_ms);
+            for (start, version, value) in writes {
+                command.arg(start).arg(format!("{version:020}")).arg(value);
+            }
+            command.ignore();
         }
-        self.pipeline.clear();
-        self.pending = 0;
-        Ok(())
+        let result: redis::RedisResult<()> = pipeline.query(&mut self.connection);
+        result.map_err(|error| StreamError::Execution(format!("online store {}: {error}", self.url)))
     }
 }

@@ -119,7 +119,11 @@ def main() -> None:
     lines += [f"- {text}" for text, _ in checks]
     lines += ["", f"Machine: {os.cpu_count()} cores; Python {sys.version.split()[0]}; "
               f"polars {__import__('polars').__version__}; duckdb {__import__('duckdb').__version__}.", ""]
-    Path(args.report).write_text("\n".join(lines))
+    report = Path(args.report)
+    # Keep the other sections (e.g. "## Streaming" from bench/stream.sh).
+    previous = report.read_text() if report.exists() else ""
+    others = previous[previous.find("\n## Streaming"):] if "\n## Streaming" in previous else ""
+    report.write_text("\n".join(lines) + others)
     print("\n".join(lines))
     if not all(ok for _, ok in checks):
         sys.exit(1)

@@ -295,9 +295,15 @@ async fn plan(file: &Path, only: Option<&str>, history: Option<String>) -> Resul
     };
     for feature in features {
         let compiled = compile_feature(&definitions, &feature)?;
-        let job = BatchJob::new(compiled, history_location(history.clone(), None))?;
-        println!("== feature set `{}` (batch, over {}) ==", feature.name, job.history().url());
-        println!("{}\n", job.explain().await?);
+        let topology = lockstep_stream::kafka::topology(&compiled, &format!("lockstep.{}", feature.name));
+        match BatchJob::new(compiled, history_location(history.clone(), None)) {
+            Ok(job) => {
+                println!("== feature set `{}` (batch, over {}) ==", feature.name, job.history().url());
+                println!("{}\n", job.explain().await?);
+            }
+            Err(error) => println!("== feature set `{}` (batch) ==\n{error}\n", feature.name),
+        }
+        println!("== feature set `{}` (stream) ==\n{topology}", feature.name);
     }
     Ok(ExitCode::SUCCESS)
 }

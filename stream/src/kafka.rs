@@ -111,6 +111,39 @@ impl Topics {
     }
 }
 
+/// The streaming job's topology, as text (`lockstep plan`).
+pub fn topology(feature: &CompiledFeature, group: &str) -> String {
+    let source = &feature.source;
+    let set = &feature.feature;
+    let mut out = String::new();
+    let topics = Topics::of(feature, group);
+    let input = topics.as_ref().map_or_else(|e| format!("(none: {e})"), |t| t.input.clone());
+    out.push_str(&format!("source topic   {input}, JSON, keyed by [{}]\n", set.key.join(", ")));
+    out.push_str(&format!(
+        "decode         {} columns; malformed messages → {}\n",
+        source.schema.len(),
+        topics.as_ref().map_or("-".into(), |t| t.dlq.clone())
+    ));
+    out.push_str(&format!("filter         {}\n", set.filter.as_deref().unwrap_or("(none)")));
+    out.push_str(&format!(
+        "watermark      per partition: max event time − {}; allowed lateness {}{}\n",
+        source.watermark,
+        source.allowed_lateness,
+        source.idle_timeout.map_or(String::new(), |t| format!("; idle partitions advance after {t}"))
+    ));
+    out.push_str(&format!("windows        {} per key (panes of exact partial states)\n", set.window));
+    let aggregates: Vec<String> = feature.aggregates.iter().map(|a| format!("{} = {}", a.spec.name, a.sql)).collect();
+    out.push_str(&format!("aggregates     {}\n", aggregates.join(", ")));
+    if let Ok(t) = &topics {
+        out.push_str(&format!("too late       → {}\n", t.late));
+        out.push_str(&format!("fired windows  → {} (key: key columns + window_start)\n", t.output));
+        out.push_str(&format!("state          → {} (compacted, one partition per input partition)\n", t.changelog));
+    }
+    out.push_str(&format!("online store   {}\n", set.output.online.as_deref().unwrap_or("(none)")));
+    out.push_str("commit         output, late, dead letters, state and offsets in one transaction per cycle\n");
+    out
+}
+
 /// What a worker did.
 #[derive(Debug, Clone, Default)]
 pub struct KafkaSummary {
@@ -265,11 +298,16 @@ impl Worker {
                 self.fire_idle_partitions()?;
                 if let Some(idle) = self.options.until_idle
                     && last_message.elapsed() >= idle
-                    && self.input_consumed()?
+                    && self.input_consumed().unwrap_or_else(|error| {
+                        // E.g. offsets still unstable behind a dead worker's open transaction.
+                        warn!(%error, "cannot tell yet whether the input is consumed");
+                        false
+                    })
                 {
                     info!(idle_secs = idle.as_secs_f64(), "input idle: firing every open window and stopping");
-                    self.finish()?;
-                    return Ok(self.summary);
+                    if self.finish()? {
+                        return Ok(self.summary);
+                    }
                 }
                 continue;
             }
@@ -460,10 +498,10 @@ impl Worker {
             self.metrics.observe_output_latency(&self.produced, now_millis());
             self.produced.clear();
         }
-        let metadata = self.consumer.group_metadata().ok_or_else(|| StreamError::Kafka("no group metadata".into()))?;
         let started = Instant::now();
-        self.producer.send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30)).map_err(kafka)?;
-        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        if !self.commit(Some(&offsets))? {
+            return Ok(());
+        }
         self.metrics.observe_commit(started.elapsed());
         self.metrics.observe_output_latency(&self.produced, now_millis());
         self.produced.clear();
@@ -570,15 +608,69 @@ impl Worker {
         if let Some(online) = &mut self.online {
             online.flush()?;
         }
-        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
-        self.summary.transactions += 1;
+        if self.commit(None)? {
+            self.summary.transactions += 1;
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction, with the input `offsets` if given, and says whether it
+    /// committed. An abortable failure (say the group rebalanced while the cycle ran) aborts the
+    /// transaction and rewinds: every owned partition is rebuilt from its changelog and read
+    /// again from the committed offset, so the work is done again, exactly once.
+    fn commit(&mut self, offsets: Option<&TopicPartitionList>) -> Result<bool, StreamError> {
+        let timeout = Duration::from_secs(60);
+        let mut result = Ok(());
+        if let Some(offsets) = offsets {
+            let metadata = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| StreamError::Kafka("no consumer group metadata".into()))?;
+            result = self.producer.send_offsets_to_transaction(offsets, &metadata, timeout);
+        }
+        let result = result.and_then(|()| self.producer.commit_transaction(timeout));
+        match result {
+            Ok(()) => Ok(true),
+            Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
+                warn!(%error, "transaction aborted; rewinding to the last commit");
+                self.producer.abort_transaction(timeout).map_err(kafka)?;
+                self.rewind()?;
+                Ok(false)
+            }
+            Err(error) => Err(kafka(error)),
+        }
+    }
+
+    /// Drops uncommitted work: engines come back from the changelog, reading resumes at the
+    /// committed offsets.
+    fn rewind(&mut self) -> Result<(), StreamError> {
+        self.produced.clear();
+        if let Some(online) = &mut self.online {
+            online.discard();
+        }
+        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        let mut list = TopicPartitionList::new();
+        for p in &partitions {
+            list.add_partition(&self.topics.input, *p);
+        }
+        let committed = self.consumer.committed_offsets(list, Duration::from_secs(60)).map_err(kafka)?;
+        for p in partitions {
+            let engine = self.restore(p)?;
+            self.partitions.insert(p, PartitionState { engine, last_message: Instant::now(), next_offset: 0 });
+            let offset = committed
+                .find_partition(&self.topics.input, p)
+                .map(|e| e.offset())
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(Offset::Beginning);
+            self.consumer.seek(&self.topics.input, p, offset, Duration::from_secs(10)).map_err(kafka)?;
+        }
         Ok(())
     }
 
     /// The end of a bounded run: every open window of every assigned partition fires, in one
     /// last transaction. The state changelog is left as it was, so a restarted run fires the
-    /// same windows with the same values again.
-    fn finish(&mut self) -> Result<(), StreamError> {
+    /// same windows with the same values again. Returns whether it committed.
+    fn finish(&mut self) -> Result<bool, StreamError> {
         self.producer.begin_transaction().map_err(kafka)?;
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
         for p in partitions {
@@ -591,9 +683,11 @@ impl Worker {
         if let Some(online) = &mut self.online {
             online.flush()?;
         }
-        self.producer.commit_transaction(Duration::from_secs(60)).map_err(kafka)?;
-        self.summary.transactions += 1;
-        Ok(())
+        let committed = self.commit(None)?;
+        if committed {
+            self.summary.transactions += 1;
+        }
+        Ok(committed)
     }
 }
 

@@ -146,6 +146,12 @@ impl OnlineStore {
         Ok(())
     }
 
+    /// Forgets the buffered writes (their transaction was aborted).
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.order.clear();
+    }
+
     /// Sends the buffered writes: one script call per hash, pipelined.
     pub fn flush(&mut self) -> Result<(), StreamError> {
         if self.order.is_empty() {

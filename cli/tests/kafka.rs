@@ -542,14 +542,14 @@ fn the_online_store_never_moves_a_window_backwards() {
     let stored = |connection: &mut redis::Connection| -> Option<String> {
         redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
     };
-    store.upsert(&compiled, &row(2), 0, 10).unwrap();
+    store.upsert(&compiled, &row(2), 0, &window_value(&row(2), 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
-    store.upsert(&compiled, &row(1), 0, 5).unwrap();
+    store.upsert(&compiled, &row(1), 0, &window_value(&row(1), 0), 5).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
-    store.upsert(&compiled, &row(3), 0, 10).unwrap();
+    store.upsert(&compiled, &row(3), 0, &window_value(&row(3), 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
     // Retractions follow the same rule.

@@ -2,8 +2,9 @@
 //! (`--late-out`), gathered from the engine's effects.
 //!
 //! A window may fire more than once (late updates) or be retracted (sessions merged by a late
-//! event); only its last change counts. Windows that changed more than once are rare, so only
-//! they are remembered by key; every other row is kept as fired.
+//! event); only its last change counts. A window's first change is always its fire, and later
+//! changes are rare, so only windows that changed again are remembered by key; every other row
+//! is kept as fired.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,14 +44,17 @@ impl FinalWindows {
     pub fn add(&mut self, effects: &Effects) {
         let batch = self.batches.len();
         for change in &effects.changes {
+            // A window's first change is always its `Fire` (the engine never fires a window on
+            // time twice): only later changes need remembering.
+            if change.kind == ChangeKind::Fire {
+                continue;
+            }
             let window = (Box::<[u8]>::from(change.key.row().as_ref()), change.start);
             let last = match change.row {
                 Some(row) => Last::Row { batch, row },
                 None => Last::Retracted,
             };
-            if change.kind != ChangeKind::Fire || self.last.contains_key(&window) {
-                self.last.insert(window, last);
-            }
+            self.last.insert(window, last);
         }
         if let Some(rows) = &effects.rows {
             self.batches.push(rows.clone());

@@ -732,7 +732,7 @@ fn emit(
                     BaseRecord::to(&topics.output).key(key.as_slice()).payload(value.as_slice()).headers(headers),
                 )?;
                 if let Some(store) = online.as_deref_mut() {
-                    store.upsert(feature, rows, row, change.seq)?;
+                    store.upsert(feature, rows, row, &value, change.seq)?;
                 }
                 latest_end = latest_end.max(change.end);
             }

@@ -19,6 +19,9 @@ use arrow::array::RecordBatch;
 
 /// Commit latency bucket bounds, in seconds.
 const COMMIT_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Produce-to-output latency buckets: bucket i holds latencies up to 1.02^i − 1 ms.
+const LATENCY_GROWTH: f64 = 1.02;
+const LATENCY_BUCKETS: usize = 1_300;
 /// Arrival latency bucket bounds (ms) and labels.
 const ARRIVAL: [(i64, &str); 3] = [(5_000, "on_time"), (60_000, "slightly_late"), (600_000, "moderately_late")];
 
@@ -34,8 +37,8 @@ pub struct Metrics {
     last_window_end: AtomicI64,
     arrivals: [AtomicU64; 4],
     commits: Mutex<Histogram>,
-    /// Produce-to-output latencies in milliseconds (a bounded sample for percentiles).
-    output_latency: Mutex<Vec<u32>>,
+    /// Produce-to-output latency counts in log buckets (2% wide) of milliseconds.
+    output_latency: Mutex<Vec<u64>>,
     per_partition: Mutex<BTreeMap<i32, PartitionGauges>>,
 }
 
@@ -106,23 +109,39 @@ impl Metrics {
         if produced_ms.is_empty() {
             return;
         }
-        let mut samples = self.output_latency.lock().expect("not poisoned");
+        let mut buckets = self.output_latency.lock().expect("not poisoned");
+        if buckets.is_empty() {
+            buckets.resize(LATENCY_BUCKETS, 0);
+        }
         for t in produced_ms {
-            if samples.len() >= 4_000_000 {
-                break;
-            }
-            samples.push(now_ms.saturating_sub(*t).clamp(0, u32::MAX as i64) as u32);
+            let ms = now_ms.saturating_sub(*t).max(0) as f64;
+            let bucket = ((ms + 1.0).ln() / LATENCY_GROWTH.ln()).ceil() as usize;
+            buckets[bucket.min(LATENCY_BUCKETS - 1)] += 1;
         }
     }
 
-    /// Percentiles (0–100) of the produce-to-output latency in milliseconds.
+    /// Percentiles (0–100) of the produce-to-output latency in milliseconds (within 2%).
     pub fn output_latency_percentiles(&self, percentiles: &[f64]) -> Option<Vec<u32>> {
-        let mut samples = self.output_latency.lock().expect("not poisoned").clone();
-        if samples.is_empty() {
+        let buckets = self.output_latency.lock().expect("not poisoned");
+        let total: u64 = buckets.iter().sum();
+        if total == 0 {
             return None;
         }
-        samples.sort_unstable();
-        Some(percentiles.iter().map(|p| samples[((p / 100.0) * (samples.len() - 1) as f64).round() as usize]).collect())
+        Some(
+            percentiles
+                .iter()
+                .map(|p| {
+                    let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+                    let mut seen = 0;
+                    let bucket = buckets.iter().position(|n| {
+                        seen += n;
+                        seen >= rank
+                    });
+                    let bucket = bucket.unwrap_or(LATENCY_BUCKETS - 1);
+                    (LATENCY_GROWTH.powi(bucket as i32) - 1.0).round() as u32
+                })
+                .collect(),
+        )
     }
 
     /// Counts the arrival latency of the events of `stage` (event time in column `time`).

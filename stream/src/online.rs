@@ -3,12 +3,12 @@
 //! Layout: one hash per (feature set, key) named `lockstep:<feature set>:<key>`, where `<key>`
 //! is the JSON array of the key values (e.g. `lockstep:user_velocity:["u000001"]`). Field
 //! `w:<window_start>` holds the window's row as JSON (the output topic's value format); field
-//! `v:<window_start>` holds the version of the last write, the input offset of the event that
+//! `version` holds the version of the last write applied, the input offset of the event that
 //! caused it, zero-padded so versions compare as text.
 //!
 //! Writes are idempotent and never move a window backwards: a write whose version is lower than
 //! the stored one is ignored, so a cycle replayed after a crash rewrites the same values and a
-//! stale writer cannot undo a newer one. A retraction deletes the row but keeps its version.
+//! stale writer cannot undo a newer one. A retraction deletes the row.
 //! Each hash keeps the `retain` most recent windows (by start) — enough for the read of SPEC §7
 //! at any time within the serving delay and allowed lateness — and expires after `ttl` without
 //! writes.
@@ -18,35 +18,39 @@ use lockstep_features::{CompiledFeature, Window};
 use serde_json::Value as Json;
 
 use crate::error::StreamError;
-use crate::records::{cell_json, window_value};
+use crate::records::cell_json;
 
 /// Versioned upserts and deletes of one hash, then trimming and expiry, in one atomic step.
-/// ARGV: retain, ttl ms, then (window start, version, row JSON or '' to delete) triples.
+/// ARGV: retain, ttl ms, then (window start, version, row JSON or '' to delete) triples, in
+/// version order. Writes of one key come from one input partition in offset order, so one
+/// version per hash is enough: a write older than the last one applied is a replay.
 const WRITE: &str = r#"
 local retain = tonumber(ARGV[1])
+local current = redis.call('HGET', KEYS[1], 'version')
 for i = 3, #ARGV, 3 do
-  local field = ARGV[i]
   local version = ARGV[i + 1]
-  local current = redis.call('HGET', KEYS[1], 'v:' .. field)
   if not current or current <= version then
-    redis.call('HSET', KEYS[1], 'v:' .. field, version)
+    current = version
     if ARGV[i + 2] == '' then
-      redis.call('HDEL', KEYS[1], 'w:' .. field)
+      redis.call('HDEL', KEYS[1], 'w:' .. ARGV[i])
     else
-      redis.call('HSET', KEYS[1], 'w:' .. field, ARGV[i + 2])
+      redis.call('HSET', KEYS[1], 'w:' .. ARGV[i], ARGV[i + 2])
     end
   end
 end
-if redis.call('HLEN', KEYS[1]) > 2 * retain then
+if current then
+  redis.call('HSET', KEYS[1], 'version', current)
+end
+if redis.call('HLEN', KEYS[1]) > retain + 1 then
   local starts = {}
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(name, 1, 2) == 'v:' then
+    if string.sub(name, 1, 2) == 'w:' then
       table.insert(starts, tonumber(string.sub(name, 3)))
     end
   end
   table.sort(starts)
   for i = 1, #starts - retain do
-    redis.call('HDEL', KEYS[1], 'v:' .. starts[i], 'w:' .. starts[i])
+    redis.call('HDEL', KEYS[1], 'w:' .. starts[i])
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -113,12 +117,14 @@ impl OnlineStore {
         }
     }
 
-    /// Buffers the row `row` of `rows` (output schema) with version `version`.
+    /// Buffers the row `row` of `rows` (output schema), already encoded as `value` (the output
+    /// topic's JSON), with version `version`.
     pub fn upsert(
         &mut self,
         feature: &CompiledFeature,
         rows: &RecordBatch,
         row: usize,
+        value: &[u8],
         version: u64,
     ) -> Result<(), StreamError> {
         let keys = feature.key_types.len();
@@ -127,7 +133,7 @@ impl OnlineStore {
             Json::Number(n) => n.as_i64().unwrap_or_default(),
             _ => 0,
         };
-        let value = String::from_utf8(window_value(rows, row)).expect("JSON is UTF-8");
+        let value = String::from_utf8(value.to_vec()).map_err(|e| StreamError::Execution(e.to_string()))?;
         self.write(hash_name(&feature.feature.name, &key), start, version, value);
         Ok(())
     }

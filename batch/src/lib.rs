@@ -90,8 +90,13 @@ impl BatchJob {
         let staged = builder.project(self.feature.stage_exprs())?.build()?;
         let stage = WindowStage::new(&self.feature, self.counters.clone());
         let windowed = FeatureWindowNode::try_new(stage, staged)?.into_plan();
-        let mut order: Vec<SortExpr> =
-            self.feature.feature.key.iter().map(|k| col(format!("\"{k}\"")).sort(true, true)).collect();
+        let mut order: Vec<SortExpr> = self
+            .feature
+            .feature
+            .key
+            .iter()
+            .map(|k| col(lockstep_features::compile::quoted(k)).sort(true, true))
+            .collect();
         order.push(col("window_start").sort(true, true));
         let plan = LogicalPlanBuilder::from(windowed).sort(order)?.build()?;
         let frame = DataFrame::new(ctx.state(), plan);

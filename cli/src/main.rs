@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lockstep_batch::{BatchJob, OutputFormat, OutputTarget, SessionLimits};
-use lockstep_features::{Definitions, Location, compile_all, compile_feature};
+use lockstep_features::{CompiledFeature, Definitions, FeatureSet, Location, compile_all, compile_feature};
 
 /// lockstep: define windowed ML features once; compute them in batch and streaming with
 /// bit-identical results.
@@ -244,6 +244,14 @@ fn load(file: &Path) -> Result<Definitions> {
     Ok(Definitions::load(file)?)
 }
 
+/// One feature set of a definitions file, and its compiled form.
+fn load_feature(file: &Path, name: &str) -> Result<(FeatureSet, CompiledFeature)> {
+    let definitions = load(file)?;
+    let feature = definitions.feature(name).map_err(anyhow::Error::msg)?.clone();
+    let compiled = compile_feature(&definitions, &feature)?;
+    Ok((feature, compiled))
+}
+
 fn validate(file: &Path) -> Result<ExitCode> {
     let definitions = match Definitions::load(file) {
         Ok(d) => d,
@@ -319,9 +327,7 @@ async fn batch(
     limits: SessionLimits,
     quiet: bool,
 ) -> Result<ExitCode> {
-    let definitions = load(file)?;
-    let feature_set = definitions.feature(feature).map_err(anyhow::Error::msg)?.clone();
-    let compiled = compile_feature(&definitions, &feature_set)?;
+    let (feature_set, compiled) = load_feature(file, feature)?;
     let format = output_format(format);
     let target = OutputTarget::resolve(out.as_deref(), format, feature_set.output.table.as_ref())?;
     let job = BatchJob::new(compiled, history_location(history, history_format))?.with_limits(limits);
@@ -388,9 +394,7 @@ async fn stream_kafka(file: &Path, feature: &str, run: KafkaRun) -> Result<ExitC
     use lockstep_stream::kafka::{KafkaOptions, Worker};
     use lockstep_stream::metrics::{Metrics, serve};
     use lockstep_stream::online::OnlineStore;
-    let definitions = load(file)?;
-    let feature_set = definitions.feature(feature).map_err(anyhow::Error::msg)?.clone();
-    let compiled = compile_feature(&definitions, &feature_set)?;
+    let (feature_set, compiled) = load_feature(file, feature)?;
     let group = run.group.unwrap_or_else(|| format!("lockstep.{feature}"));
     let instance = run.instance.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
@@ -474,9 +478,7 @@ async fn stream_replay(
     quiet: bool,
 ) -> Result<ExitCode> {
     use lockstep_stream::collect::write_table;
-    let definitions = load(file)?;
-    let feature_set = definitions.feature(feature).map_err(anyhow::Error::msg)?.clone();
-    let compiled = compile_feature(&definitions, &feature_set)?;
+    let (feature_set, compiled) = load_feature(file, feature)?;
     let format = output_format(format);
     let target = out
         .as_deref()

@@ -132,8 +132,9 @@ impl CompiledFeature {
     }
 }
 
-/// Column names are quoted so that case and odd characters survive DataFusion's normalization.
-fn quoted(name: &str) -> String {
+/// A column name as a SQL identifier, quoted so that case and odd characters survive
+/// DataFusion's normalization.
+pub fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

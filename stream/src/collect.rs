@@ -150,8 +150,8 @@ pub async fn write_table(
     let table = MemTable::try_new(schema, vec![batches])?;
     let mut frame = ctx.read_table(Arc::new(table))?;
     if !order.is_empty() {
-        frame = frame
-            .sort(order.iter().map(|c| col(format!("\"{}\"", c.replace('"', "\"\""))).sort(true, true)).collect())?;
+        frame =
+            frame.sort(order.iter().map(|c| col(lockstep_features::compile::quoted(c)).sort(true, true)).collect())?;
     }
     target.write(&ctx.state(), frame, dictionary_columns, metadata).await?;
     Ok(())

@@ -362,24 +362,17 @@ impl Engine {
                     }
                 }
                 if !too_late.is_empty() {
-                    self.counters.too_late += 1;
                     let all = too_late.len() as i64 == panes.per_window;
-                    self.late.push(LateEvent {
-                        row,
-                        seq,
-                        key: key.owned(),
-                        event_time: time,
-                        watermark: watermark.unwrap_or(i64::MIN),
-                        windows: too_late.iter().map(|s| (panes.start_of(*s), panes.window_end(*s))).collect(),
-                        reason: format!(
-                            "event at {} is behind the watermark {} by more than the allowed lateness for {} of \
-                             its {} windows",
-                            format_time(time),
-                            format_time(watermark.unwrap_or(i64::MIN)),
-                            too_late.len(),
-                            panes.per_window
-                        ),
-                    });
+                    let windows = too_late.iter().map(|s| (panes.start_of(*s), panes.window_end(*s))).collect();
+                    let reason = format!(
+                        "event at {} is behind the watermark {} by more than the allowed lateness for {} of its {} \
+                         windows",
+                        format_time(time),
+                        format_time(watermark.unwrap_or(i64::MIN)),
+                        too_late.len(),
+                        panes.per_window
+                    );
+                    self.too_late(key, row, seq, time, windows, reason);
                     if all {
                         return Ok(());
                     }
@@ -419,20 +412,12 @@ impl Engine {
             }
             Shape::Sessions { gap } => {
                 if session_too_late(watermark, time, gap, self.lateness) {
-                    self.counters.too_late += 1;
-                    self.late.push(LateEvent {
-                        row,
-                        seq,
-                        key: key.owned(),
-                        event_time: time,
-                        watermark: watermark.unwrap_or(i64::MIN),
-                        windows: Vec::new(),
-                        reason: format!(
-                            "session event at {} + gap + allowed lateness is not after the watermark {}",
-                            format_time(time),
-                            format_time(watermark.unwrap_or(i64::MIN))
-                        ),
-                    });
+                    let reason = format!(
+                        "session event at {} + gap + allowed lateness is not after the watermark {}",
+                        format_time(time),
+                        format_time(watermark.unwrap_or(i64::MIN))
+                    );
+                    self.too_late(key, row, seq, time, Vec::new(), reason);
                     return Ok(());
                 }
                 let id = self.id_of(key);
@@ -441,6 +426,21 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Records an event that was too late for `windows` (all of them, for a session event).
+    fn too_late(
+        &mut self,
+        key: arrow::row::Row<'_>,
+        row: usize,
+        seq: u64,
+        time: i64,
+        windows: Vec<(i64, i64)>,
+        reason: String,
+    ) {
+        self.counters.too_late += 1;
+        let watermark = self.watermark.current().unwrap_or(i64::MIN);
+        self.late.push(LateEvent { row, seq, key: key.owned(), event_time: time, watermark, windows, reason });
     }
 
     fn apply_session(

@@ -515,18 +515,8 @@ impl Worker {
         let decoded = self.decoder.decode(&payloads);
         for (index, error) in &decoded.errors {
             let message = &messages[*index];
-            let source = format!("{p}/{}", message.offset());
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "lockstep.error", value: Some(error.as_str()) })
-                .insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.dlq).headers(headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(value) = message.payload() {
-                record = record.payload(value);
-            }
-            send(&self.producer, record)?;
+            let headers = OwnedHeaders::new().insert(Header { key: "lockstep.error", value: Some(error.as_str()) });
+            forward(&self.producer, &self.topics.dlq, message, headers)?;
             self.summary.dead_lettered += 1;
             self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
@@ -540,22 +530,13 @@ impl Worker {
         self.metrics.events.fetch_add(decoded.rows.num_rows() as u64, Ordering::Relaxed);
         for late in &effects.late {
             let message = &messages[decoded.messages[late.row]];
-            let source = format!("{p}/{}", message.offset());
             let windows = serde_json::to_string(&late.windows).expect("pairs of integers serialize");
             let watermark = late.watermark.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "lockstep.reason", value: Some(late.reason.as_str()) })
                 .insert(Header { key: "lockstep.watermark", value: Some(watermark.as_str()) })
-                .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) })
-                .insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topics.late).headers(headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(value) = message.payload() {
-                record = record.payload(value);
-            }
-            send(&self.producer, record)?;
+                .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) });
+            forward(&self.producer, &self.topics.late, message, headers)?;
         }
         self.summary.too_late += effects.late.len() as u64;
         self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
@@ -751,6 +732,26 @@ fn emit(
         metrics.set_last_window_end(latest_end);
     }
     Ok(())
+}
+
+/// Sends an input message unchanged (key and value) to `topic`, with `headers` and a
+/// `lockstep.source` header naming its partition and offset (late and dead-letter topics).
+fn forward(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    message: &OwnedMessage,
+    headers: OwnedHeaders,
+) -> Result<(), StreamError> {
+    let source = format!("{}/{}", message.partition(), message.offset());
+    let headers = headers.insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(value) = message.payload() {
+        record = record.payload(value);
+    }
+    send(producer, record)
 }
 
 /// Sends the engine's state changes to its changelog partition.

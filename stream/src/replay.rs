@@ -16,6 +16,7 @@ use datafusion::logical_expr::{Expr, cast, col};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use lockstep_batch::{SessionLimits, plan::session_state, source::read_history};
+use lockstep_features::compile::quoted;
 use lockstep_features::{CompiledFeature, Location, StageEvaluator};
 
 use crate::collect::{FinalWindows, late_rows, late_schema};
@@ -92,9 +93,4 @@ pub async fn replay(
         counters: engine.counters(),
         elapsed: started.elapsed(),
     })
-}
-
-/// Column names are quoted so that case and odd characters survive DataFusion's normalization.
-fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

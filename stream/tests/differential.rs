@@ -4,16 +4,18 @@
 //! micro-batch sizes. With enough lateness the stream equals batch bit for bit; otherwise it
 //! differs exactly in the windows its too-late events name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMillisecondType};
+use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use lockstep_batch::{BatchJob, SessionLimits};
 use lockstep_features::{CompiledFeature, Definitions, Location, StageEvaluator, compile_feature};
 use lockstep_stream::collect::FinalWindows;
 use lockstep_stream::engine::Engine;
 use proptest::prelude::*;
+
+mod common;
+use common::{Rows, cell, rows_of};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| tokio::runtime::Runtime::new().unwrap());
 
@@ -75,33 +77,6 @@ fn batch_of(feature: &CompiledFeature, events: &[Event]) -> RecordBatch {
         ],
     )
     .unwrap()
-}
-
-type Rows = BTreeMap<(String, i64), Vec<String>>;
-
-fn rows_of(batches: &[RecordBatch]) -> Rows {
-    let mut rows = Rows::new();
-    for batch in batches {
-        let starts = batch.column(1).as_primitive::<TimestampMillisecondType>();
-        for r in 0..batch.num_rows() {
-            let values = (2..batch.num_columns()).map(|c| cell(batch.column(c), r)).collect();
-            assert!(rows.insert((cell(batch.column(0), r), starts.value(r)), values).is_none(), "duplicate window");
-        }
-    }
-    rows
-}
-
-fn cell(column: &arrow::array::ArrayRef, row: usize) -> String {
-    if column.is_null(row) {
-        return "null".into();
-    }
-    match column.data_type() {
-        DataType::Int64 => column.as_primitive::<Int64Type>().value(row).to_string(),
-        DataType::Float64 => format!("{:016x}", column.as_primitive::<Float64Type>().value(row).to_bits()),
-        DataType::Utf8 => column.as_string::<i32>().value(row).to_string(),
-        DataType::Timestamp(_, _) => column.as_primitive::<TimestampMillisecondType>().value(row).to_string(),
-        other => panic!("unexpected {other}"),
-    }
 }
 
 fn batch_rows(feature: &CompiledFeature, events: &RecordBatch) -> Rows {

@@ -7,15 +7,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::TimestampMillisecondType;
 use lockstep_batch::{BatchJob, SessionLimits};
 use lockstep_features::{CompiledFeature, Definitions, Location, StageEvaluator, compile_feature};
 use lockstep_fixtures::{EventGenerator, GenerateOptions, transactions_schema};
 use lockstep_stream::collect::FinalWindows;
 use lockstep_stream::engine::Engine;
 use lockstep_stream::replay::replay;
+
+mod common;
+use common::{Rows, cell, rows_of};
 use rand::{RngExt, SeedableRng};
 
 fn definitions(watermark: &str, lateness: &str) -> String {
@@ -85,43 +88,6 @@ fn history(dir: &std::path::Path, seed: u64) -> (Location, RecordBatch) {
     writer.write(&events).unwrap();
     writer.close().unwrap();
     (Location::Parquet(path.display().to_string()), events)
-}
-
-/// A window's identity and its values, floats by their bits.
-type Rows = BTreeMap<(String, i64), (i64, Vec<String>)>;
-
-fn rows_of(batches: &[RecordBatch]) -> Rows {
-    let mut rows = Rows::new();
-    for batch in batches {
-        let starts = batch.column(1).as_primitive::<TimestampMillisecondType>();
-        let ends = batch.column(2).as_primitive::<TimestampMillisecondType>();
-        for r in 0..batch.num_rows() {
-            let key = cell(batch.column(0), r);
-            let values = (3..batch.num_columns()).map(|c| cell(batch.column(c), r)).collect();
-            let previous = rows.insert((key, starts.value(r)), (ends.value(r), values));
-            assert!(
-                previous.is_none(),
-                "a window appears twice: {:?}",
-                (cell(batch.column(0), r), starts.value(r), ends.value(r))
-            );
-        }
-    }
-    rows
-}
-
-fn cell(column: &arrow::array::ArrayRef, row: usize) -> String {
-    if column.is_null(row) {
-        return "null".into();
-    }
-    match column.data_type() {
-        DataType::Int64 => column.as_primitive::<Int64Type>().value(row).to_string(),
-        DataType::Float64 => format!("f{:016x}", column.as_primitive::<Float64Type>().value(row).to_bits()),
-        DataType::Utf8 => column.as_string::<i32>().value(row).to_string(),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            column.as_primitive::<TimestampMillisecondType>().value(row).to_string()
-        }
-        other => panic!("unexpected output type {other}"),
-    }
 }
 
 async fn batch_rows(feature: &CompiledFeature, history: &Location) -> Rows {

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use datafusion::dataframe::DataFrame;
-use datafusion::logical_expr::{LogicalPlanBuilder, SortExpr, col};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, SortExpr, col, lit};
 use datafusion::prelude::SessionContext;
 use lockstep_features::{CompiledFeature, Location};
 
@@ -28,12 +28,52 @@ pub use plan::SessionLimits;
 use crate::exec::WindowStage;
 use crate::plan::FeatureWindowNode;
 
+/// The commit metadata field of an output Delta table holding the history version its rows
+/// reflect; `backfill` continues from it.
+pub const HISTORY_VERSION: &str = "lockstep.history_version";
+
 /// A configured batch job; see the crate documentation.
 pub struct BatchJob {
     feature: CompiledFeature,
     history: Location,
     limits: SessionLimits,
     counters: Arc<StageCounters>,
+    history_version: Option<deltalake::kernel::Version>,
+    ranges: Option<Ranges>,
+    /// The Delta version of the history the last `frame` read (Delta histories only).
+    read_version: std::sync::Mutex<Option<deltalake::kernel::Version>>,
+}
+
+/// Restricts a job to some windows: only events with times in `events` are read, and only rows
+/// whose `window_start` lies in `windows` are written. Ranges are half-open, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranges {
+    pub events: Vec<(i64, i64)>,
+    pub windows: Vec<(i64, i64)>,
+}
+
+/// `column` lies in one of `ranges` (half-open, milliseconds), as an expression comparing the
+/// column with literals of its own type so that Parquet and Delta statistics can prune.
+pub fn in_ranges(
+    column: &str,
+    data_type: &arrow::datatypes::DataType,
+    ranges: &[(i64, i64)],
+) -> Result<Expr, BatchError> {
+    use datafusion::scalar::ScalarValue;
+    let literal = |ms: i64| -> Result<Expr, BatchError> {
+        let value = ScalarValue::TimestampMillisecond(Some(ms), Some("UTC".into())).cast_to(data_type)?;
+        Ok(lit(value))
+    };
+    let mut any: Option<Expr> = None;
+    for &(from, to) in ranges {
+        let column = col(lockstep_features::compile::quoted(column));
+        let inside = column.clone().gt_eq(literal(from)?).and(column.lt(literal(to)?));
+        any = Some(match any {
+            None => inside,
+            Some(previous) => previous.or(inside),
+        });
+    }
+    Ok(any.unwrap_or(lit(false)))
 }
 
 /// What a finished batch job did.
@@ -60,7 +100,22 @@ impl BatchJob {
             history,
             limits: SessionLimits::default(),
             counters: Arc::new(StageCounters::default()),
+            history_version: None,
+            ranges: None,
+            read_version: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Reads a Delta history at `version` instead of its latest version.
+    pub fn at_history_version(mut self, version: deltalake::kernel::Version) -> Self {
+        self.history_version = Some(version);
+        self
+    }
+
+    /// Computes only some windows; see [`Ranges`].
+    pub fn with_ranges(mut self, ranges: Ranges) -> Self {
+        self.ranges = Some(ranges);
+        self
     }
 
     /// Sets memory and parallelism.
@@ -79,17 +134,34 @@ impl BatchJob {
         &self.history
     }
 
-    async fn frame(&self) -> Result<(SessionContext, DataFrame), BatchError> {
+    /// The job's plan. Rows are ordered by key then `window_start`, or with `by_time` by
+    /// `window_start` then key (Delta output: files then cover narrow time ranges, which keeps a
+    /// backfill's `replaceWhere` rewrite small).
+    async fn frame_ordered(&self, by_time: bool) -> Result<(SessionContext, DataFrame), BatchError> {
         let state = plan::session_state(&self.limits)?;
         let ctx = SessionContext::new_with_state(state);
-        let history = source::read_history(&ctx, &self.feature.source, &self.history).await?;
+        let history = source::read_history_at(&ctx, &self.feature.source, &self.history, self.history_version).await?;
+        *self.read_version.lock().expect("not poisoned") = history.version;
+        let history = history.frame;
         let mut builder = LogicalPlanBuilder::from(history.logical_plan().clone());
+        if let Some(ranges) = &self.ranges {
+            let time = &self.feature.source.event_time;
+            let field = history.schema().field_with_unqualified_name(time)?;
+            builder = builder.filter(in_ranges(time, field.data_type(), &ranges.events)?)?;
+        }
         if let Some(filter) = &self.feature.filter {
             builder = builder.filter(filter.clone())?;
         }
         let staged = builder.project(self.feature.stage_exprs())?.build()?;
         let stage = WindowStage::new(&self.feature, self.counters.clone());
-        let windowed = FeatureWindowNode::try_new(stage, staged)?.into_plan();
+        let mut windowed = LogicalPlanBuilder::from(FeatureWindowNode::try_new(stage, staged)?.into_plan());
+        if let Some(ranges) = &self.ranges {
+            windowed = windowed.filter(in_ranges(
+                "window_start",
+                &lockstep_features::value::timestamp_type(),
+                &ranges.windows,
+            )?)?;
+        }
         let mut order: Vec<SortExpr> = self
             .feature
             .feature
@@ -97,10 +169,30 @@ impl BatchJob {
             .iter()
             .map(|k| col(lockstep_features::compile::quoted(k)).sort(true, true))
             .collect();
-        order.push(col("window_start").sort(true, true));
-        let plan = LogicalPlanBuilder::from(windowed).sort(order)?.build()?;
+        let start = col("window_start").sort(true, true);
+        if by_time {
+            order.insert(0, start);
+        } else {
+            order.push(start);
+        }
+        let plan = windowed.sort(order)?.build()?;
         let frame = DataFrame::new(ctx.state(), plan);
         Ok((ctx, frame))
+    }
+
+    async fn frame(&self) -> Result<(SessionContext, DataFrame), BatchError> {
+        self.frame_ordered(false).await
+    }
+
+    /// The job's plan as a DataFrame (rows by `window_start` then key when `by_time`), with the
+    /// Delta version of the history it reads.
+    pub async fn dataframe(
+        &self,
+        by_time: bool,
+    ) -> Result<(SessionContext, DataFrame, Option<deltalake::kernel::Version>), BatchError> {
+        let (ctx, frame) = self.frame_ordered(by_time).await?;
+        let version = *self.read_version.lock().expect("not poisoned");
+        Ok((ctx, frame, version))
     }
 
     /// The job's logical and physical plans, as text.
@@ -118,10 +210,13 @@ impl BatchJob {
     /// Runs the job, writing every window row to `target`.
     pub async fn run(&self, target: &OutputTarget) -> Result<BatchSummary, BatchError> {
         let started = Instant::now();
-        let (ctx, frame) = self.frame().await?;
+        let (ctx, frame, version) = self.dataframe(matches!(target, OutputTarget::Delta(_))).await?;
         let mut metadata = serde_json::Map::new();
         metadata.insert("lockstep.feature".into(), self.feature.feature.name.clone().into());
         metadata.insert("lockstep.history".into(), self.history.url().into());
+        if let Some(version) = version {
+            metadata.insert(HISTORY_VERSION.into(), (version as i64).into());
+        }
         target.write(&ctx.state(), frame, &self.feature.feature.key, metadata).await?;
         Ok(BatchSummary {
             events: self.counters.events.load(Ordering::Relaxed),

@@ -16,6 +16,11 @@ use lockstep_features::Location;
 use crate::error::BatchError;
 use crate::source::to_url;
 
+/// Target size of the files written to a Delta table. Rows go to Delta ordered by
+/// `window_start`, so each file covers a narrow time range and a backfill's `replaceWhere`
+/// rewrites little beside the windows it replaces.
+pub const DELTA_FILE_SIZE: u64 = 16 << 20;
+
 /// Where a job writes, resolved from `--out`, `--format` and the feature's `output`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputTarget {
@@ -193,6 +198,7 @@ async fn write_delta(
         .with_session_state(Arc::new(state.clone()))
         .with_save_mode(SaveMode::Overwrite)
         .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+        .with_target_file_size(std::num::NonZeroU64::new(DELTA_FILE_SIZE))
         .with_commit_properties(deltalake::kernel::transaction::CommitProperties::default().with_metadata(metadata))
         .await
         .map_err(|e| failed(e.to_string()))?;

@@ -26,12 +26,66 @@ pub fn to_url(location: &str) -> Result<url::Url, BatchError> {
 
 /// Opens the history at `location` as a DataFrame with the source's declared columns.
 pub async fn read_history(ctx: &SessionContext, source: &Source, location: &Location) -> Result<DataFrame, BatchError> {
-    let frame = match location {
-        Location::Parquet(path) => read_parquet(ctx, path).await?,
-        Location::Delta(path) => read_delta(ctx, path).await?,
+    Ok(read_history_at(ctx, source, location, None).await?.frame)
+}
+
+/// A table opened for reading; `version` is the Delta version read (`None` for Parquet).
+pub struct OpenedTable {
+    pub frame: DataFrame,
+    pub version: Option<deltalake::kernel::Version>,
+}
+
+/// Opens the history at `location`, a Delta history at `version` (default: the latest), checked
+/// against the source's declared columns.
+pub async fn read_history_at(
+    ctx: &SessionContext,
+    source: &Source,
+    location: &Location,
+    version: Option<deltalake::kernel::Version>,
+) -> Result<OpenedTable, BatchError> {
+    let opened = read_table(ctx, location, version).await?;
+    check_schema(source, location.url(), &opened.frame)?;
+    Ok(opened)
+}
+
+/// Opens any Parquet file, folder or glob, or a Delta table (at `version`, default the latest).
+pub async fn read_table(
+    ctx: &SessionContext,
+    location: &Location,
+    version: Option<deltalake::kernel::Version>,
+) -> Result<OpenedTable, BatchError> {
+    match location {
+        Location::Parquet(path) => Ok(OpenedTable { frame: read_parquet(ctx, path).await?, version: None }),
+        Location::Delta(path) => read_delta(ctx, path, version).await,
+    }
+}
+
+/// A local path or URL as a [`Location`]: Delta when it holds a `_delta_log` folder (or `delta`
+/// is forced), Parquet otherwise.
+pub fn locate(path: &str, delta: Option<bool>) -> Location {
+    let is_delta = delta.unwrap_or_else(|| match to_url(path) {
+        Ok(url) if url.scheme() == "file" => std::path::Path::new(url.path()).join("_delta_log").is_dir(),
+        _ => false,
+    });
+    if is_delta { Location::Delta(path.to_string()) } else { Location::Parquet(path.to_string()) }
+}
+
+/// Opens a Delta table's log (at `version`, default the latest), with a clear error when the
+/// location holds no Delta table.
+pub async fn open_delta(
+    path: &str,
+    version: Option<deltalake::kernel::Version>,
+) -> Result<deltalake::DeltaTable, BatchError> {
+    let input = |message: String| BatchError::Input { location: path.into(), message };
+    let url = to_url(path)?;
+    if url.scheme() == "file" && !std::path::Path::new(url.path()).join("_delta_log").exists() {
+        return Err(input("not a Delta table (no _delta_log folder)".into()));
+    }
+    let table = match version {
+        None => deltalake::open_table(url).await,
+        Some(v) => deltalake::open_table_with_version(url, v).await,
     };
-    check_schema(source, location.url(), &frame)?;
-    Ok(frame)
+    table.map_err(|e| input(format!("cannot open the Delta table: {e}")))
 }
 
 async fn read_parquet(ctx: &SessionContext, path: &str) -> Result<DataFrame, BatchError> {
@@ -108,16 +162,17 @@ fn check_parquet_files(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn read_delta(ctx: &SessionContext, path: &str) -> Result<DataFrame, BatchError> {
+async fn read_delta(
+    ctx: &SessionContext,
+    path: &str,
+    version: Option<deltalake::kernel::Version>,
+) -> Result<OpenedTable, BatchError> {
     let input = |message: String| BatchError::Input { location: path.into(), message };
-    let url = to_url(path)?;
-    if url.scheme() == "file" && !std::path::Path::new(url.path()).join("_delta_log").exists() {
-        return Err(input("not a Delta table (no _delta_log folder)".into()));
-    }
-    let table = deltalake::open_table(url).await.map_err(|e| input(format!("cannot open the Delta table: {e}")))?;
+    let table = open_delta(path, version).await?;
     table.update_datafusion_session(&ctx.state()).map_err(|e| input(e.to_string()))?;
+    let version = table.version();
     let provider = table.table_provider().await.map_err(|e| input(format!("cannot read the Delta table: {e}")))?;
-    ctx.read_table(provider).map_err(|e| input(e.to_string()))
+    Ok(OpenedTable { frame: ctx.read_table(provider).map_err(|e| input(e.to_string()))?, version })
 }
 
 /// Every declared column must exist in the history with a compatible type.

@@ -91,3 +91,14 @@ pub fn format_time(millis: i64) -> String {
     arrow::temporal_conversions::timestamp_ms_to_datetime(millis)
         .map_or_else(|| format!("{millis}ms"), |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
 }
+
+/// Reads a time given as an RFC 3339 string (`2026-01-05T10:00:00Z`, `2026-01-05`) or as epoch
+/// milliseconds, to milliseconds (rounded toward the past).
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(millis) = text.trim().parse::<i64>() {
+        return Ok(millis);
+    }
+    arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(text.trim())
+        .map(|nanos| nanos.div_euclid(1_000_000))
+        .map_err(|_| format!("`{text}` is not a time: give RFC 3339 (2026-01-05T10:00:00Z) or epoch milliseconds"))
+}

@@ -87,26 +87,30 @@ impl FinalWindows {
 }
 
 /// The columns a too-late event gets besides its source columns.
-pub const LATE_COLUMNS: [&str; 4] = ["late_window_start", "late_window_end", "late_watermark", "late_reason"];
+pub const LATE_COLUMNS: [&str; 5] =
+    ["late_event_time", "late_window_start", "late_window_end", "late_watermark", "late_reason"];
 
 /// The schema of too-late rows: the source columns, then [`LATE_COLUMNS`].
 pub fn late_schema(source: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = source.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(LATE_COLUMNS[0], timestamp_type(), true));
+    fields.push(Field::new(LATE_COLUMNS[0], timestamp_type(), false));
     fields.push(Field::new(LATE_COLUMNS[1], timestamp_type(), true));
-    fields.push(Field::new(LATE_COLUMNS[2], timestamp_type(), false));
-    fields.push(Field::new(LATE_COLUMNS[3], arrow::datatypes::DataType::Utf8, false));
+    fields.push(Field::new(LATE_COLUMNS[2], timestamp_type(), true));
+    fields.push(Field::new(LATE_COLUMNS[3], timestamp_type(), false));
+    fields.push(Field::new(LATE_COLUMNS[4], arrow::datatypes::DataType::Utf8, false));
     Arc::new(Schema::new(fields))
 }
 
 /// Too-late rows for the events of `effects`: one row per (event, window it was too late for),
-/// or one row with null window bounds for a session event. `source` is the batch the engine
+/// or one row with null window bounds for a session event; `late_event_time` is the event time
+/// in milliseconds. `source` is the batch the engine
 /// processed, in source columns.
 pub fn late_rows(schema: &SchemaRef, source: &RecordBatch, effects: &Effects) -> Result<Option<RecordBatch>> {
     if effects.late.is_empty() {
         return Ok(None);
     }
     let mut indices = Vec::new();
+    let mut times = TimestampMillisecondBuilder::new().with_timezone("UTC");
     let mut starts = TimestampMillisecondBuilder::new().with_timezone("UTC");
     let mut ends = TimestampMillisecondBuilder::new().with_timezone("UTC");
     let mut watermarks = TimestampMillisecondBuilder::new().with_timezone("UTC");
@@ -116,6 +120,7 @@ pub fn late_rows(schema: &SchemaRef, source: &RecordBatch, effects: &Effects) ->
             if late.windows.is_empty() { vec![None] } else { late.windows.iter().copied().map(Some).collect() };
         for window in windows {
             indices.push(late.row as u32);
+            times.append_value(late.event_time);
             starts.append_option(window.map(|w| w.0));
             ends.append_option(window.map(|w| w.1));
             watermarks.append_value(late.watermark);
@@ -125,6 +130,7 @@ pub fn late_rows(schema: &SchemaRef, source: &RecordBatch, effects: &Effects) ->
     let indices = UInt32Array::from(indices);
     let mut columns: Vec<ArrayRef> =
         source.columns().iter().map(|c| take(c.as_ref(), &indices, None)).collect::<std::result::Result<_, _>>()?;
+    columns.push(Arc::new(times.finish()));
     columns.push(Arc::new(starts.finish()));
     columns.push(Arc::new(ends.finish()));
     columns.push(Arc::new(watermarks.finish()));

@@ -532,8 +532,10 @@ impl Worker {
             let message = &messages[decoded.messages[late.row]];
             let windows = serde_json::to_string(&late.windows).expect("pairs of integers serialize");
             let watermark = late.watermark.to_string();
+            let event_time = late.event_time.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "lockstep.reason", value: Some(late.reason.as_str()) })
+                .insert(Header { key: "lockstep.event_time", value: Some(event_time.as_str()) })
                 .insert(Header { key: "lockstep.watermark", value: Some(watermark.as_str()) })
                 .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) });
             forward(&self.producer, &self.topics.late, message, headers)?;

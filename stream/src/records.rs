@@ -12,8 +12,9 @@
 //! - headers: `lockstep.change` = `fire`, `refire` or `retract`; `lockstep.feature`.
 //!
 //! **Late topic** (`<source topic>.late`): the original message value, with headers
-//! `lockstep.reason`, `lockstep.watermark`, `lockstep.windows` (JSON `[[start, end], ...]`, empty
-//! for a session event) and `lockstep.source` (`partition/offset`).
+//! `lockstep.reason`, `lockstep.event_time` and `lockstep.watermark` (epoch milliseconds),
+//! `lockstep.windows` (JSON `[[start, end], ...]`, empty for a session event) and
+//! `lockstep.source` (`partition/offset`).
 //!
 //! **Dead-letter topic** (`<source topic>.dlq`): the original message key and value unchanged,
 //! with headers `lockstep.error` and `lockstep.source`.

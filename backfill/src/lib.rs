@@ -100,8 +100,10 @@ impl Default for BackfillOptions {
 pub struct BackfillPlan {
     /// The history version the output reflected before this run (`None`: unknown, forced run).
     pub from_version: Option<i64>,
-    /// The history version the run reads and records.
+    /// The history version the run records as processed (a forced run keeps the old one).
     pub to_version: Option<i64>,
+    /// The history version the recompute reads (the latest).
+    pub read_version: Option<i64>,
     pub added_files: usize,
     pub removed_files: usize,
     /// Changed history rows that pass the filter and have an event time.
@@ -256,7 +258,7 @@ async fn plan(
     };
     let to_version = latest.as_ref().and_then(|t| t.version()).map(|v| v as i64);
     let from_version = processed_version(output_table).await?;
-    let mut plan = BackfillPlan { from_version, to_version, ..BackfillPlan::default() };
+    let mut plan = BackfillPlan { from_version, to_version, read_version: to_version, ..BackfillPlan::default() };
     if let Some((from, to)) = force {
         if from >= to {
             return Err(BackfillError::Config("--from must be before --to".into()));
@@ -422,7 +424,7 @@ async fn write(
     let ranges = Ranges { events: event_ranges(&plan.ranges, panes), windows: plan.ranges.clone() };
     let mut job =
         BatchJob::new(feature.clone(), Some(history.clone()))?.with_limits(options.limits.clone()).with_ranges(ranges);
-    if let Some(version) = plan.to_version.filter(|_| matches!(history, Location::Delta(_))) {
+    if let Some(version) = plan.read_version.filter(|_| matches!(history, Location::Delta(_))) {
         job = job.at_history_version(version as Version);
     }
     let (ctx, frame, _) = job.dataframe(true).await?;

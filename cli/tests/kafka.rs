@@ -338,6 +338,28 @@ async fn differences_from_batch_are_exactly_the_late_topic_windows() {
     assert!(got.keys().all(|k| expected.contains_key(k)), "the stream invented a window");
     assert_eq!(differing.len(), explained.len(), "differing windows vs late-topic windows");
     assert!(differing == explained, "the differing windows are not exactly the late-topic windows");
+
+    // `lockstep compare` reads both topics and agrees: every difference explained.
+    let batch = fixture._dir.path().join("batch.parquet").display().to_string();
+    let lockstep = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep")).args(args).arg("--quiet").output().expect("run lockstep")
+    };
+    let definitions = fixture.definitions.to_str().unwrap();
+    let ran =
+        lockstep(&["batch", definitions, "--feature", "velocity", "--history", fixture.history.url(), "--out", &batch]);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let topic = format!("kafka://{brokers}/{}", fixture.output);
+    let late_topic = format!("kafka://{brokers}/{}.late", fixture.topic);
+    let json = fixture._dir.path().join("report.json");
+    let compared = lockstep(&["compare", &topic, &batch, "--late", &late_topic, "--json", json.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&compared.stdout).to_string() + &String::from_utf8_lossy(&compared.stderr);
+    assert!(compared.status.success(), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["explained"].as_u64(), Some(differing.len() as u64), "{out}");
+    assert_eq!(report["unexplained"].as_u64(), Some(0), "{out}");
+    assert_eq!(report["rows_right"].as_u64(), Some(expected.len() as u64), "{out}");
+    let bare = lockstep(&["compare", &topic, &batch]);
+    assert_eq!(bare.status.code(), Some(1), "without the late topic the differences are unexplained");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ use deltalake::protocol::SaveMode;
 use futures::TryStreamExt;
 use lockstep_batch::source::open_delta;
 use lockstep_batch::{BatchError, BatchJob, HISTORY_VERSION, Ranges, SessionLimits, in_ranges};
-use lockstep_features::window::Panes;
+use lockstep_features::window::{Panes, Window};
 use lockstep_features::{CompiledFeature, Location};
 
 /// The commit metadata field recording the `window_start` ranges a backfill replaced.
@@ -144,13 +144,10 @@ pub fn app_id(feature: &str) -> String {
 /// Runs a backfill of `feature`; see the crate documentation.
 pub async fn backfill(feature: &CompiledFeature, options: BackfillOptions) -> Result<BackfillSummary, BackfillError> {
     let started = Instant::now();
-    let panes = feature.window().panes().ok_or_else(|| {
-        BackfillError::Config(format!(
-            "feature set `{}` uses session windows; backfill handles sliding and tumbling windows \
-             (a late event can merge sessions of any length): recompute it with `lockstep batch`",
-            feature.feature.name
-        ))
-    })?;
+    let shape = match feature.window() {
+        Window::Session { gap } => Shape::Sessions { gap: gap.millis() },
+        window => Shape::Panes(window.panes().expect("sliding windows have panes")),
+    };
     let history = options.history.clone().or_else(|| feature.source.history.clone()).ok_or_else(|| {
         BackfillError::Config(format!("source `{}` has no `history`; pass --history URL", feature.source.name))
     })?;
@@ -188,7 +185,7 @@ pub async fn backfill(feature: &CompiledFeature, options: BackfillOptions) -> Re
             },
             other => other.into(),
         })?;
-        let plan = plan(feature, &history, &output_table, &output, panes, options.force, &options.limits).await?;
+        let plan = plan(feature, &history, &output_table, &output, shape, options.force, &options.limits).await?;
         if plan.ranges.is_empty() || options.dry_run {
             return Ok(BackfillSummary {
                 plan,
@@ -203,7 +200,7 @@ pub async fn backfill(feature: &CompiledFeature, options: BackfillOptions) -> Re
         if let Some(hook) = &options.before_commit {
             hook(attempts).await;
         }
-        match write(feature, &history, &mut output_table, &output, panes, &plan, &options).await {
+        match write(feature, &history, &mut output_table, &output, shape, &plan, &options).await {
             Ok(((rows_written, files_added, files_removed), committed)) => {
                 return Ok(BackfillSummary {
                     plan,
@@ -248,7 +245,7 @@ async fn plan(
     history: &Location,
     output_table: &deltalake::DeltaTable,
     output: &str,
-    panes: Panes,
+    shape: Shape,
     force: Option<(i64, i64)>,
     limits: &SessionLimits,
 ) -> Result<BackfillPlan, BackfillError> {
@@ -263,12 +260,17 @@ async fn plan(
         if from >= to {
             return Err(BackfillError::Config("--from must be before --to".into()));
         }
-        // Every window starting in [from, to): panes from the one holding `from` (rounded up to
-        // a window start) to the last start before `to`.
-        let first = panes.pane_of(from) + i64::from(panes.start_of(panes.pane_of(from)) < from);
-        let last = panes.pane_of(to - 1);
-        if first <= last {
-            plan.ranges = vec![(panes.start_of(first), panes.start_of(last + 1))];
+        match shape {
+            // Every window starting in [from, to): panes from the one holding `from` (rounded up
+            // to a window start) to the last start before `to`.
+            Shape::Panes(panes) => {
+                let first = panes.pane_of(from) + i64::from(panes.start_of(panes.pane_of(from)) < from);
+                let last = panes.pane_of(to - 1);
+                if first <= last {
+                    plan.ranges = vec![(panes.start_of(first), panes.start_of(last + 1))];
+                }
+            }
+            Shape::Sessions { .. } => plan.ranges = vec![(from, to)],
         }
         // A forced run does not know about other late rows: it keeps the recorded version.
         plan.to_version = from_version;
@@ -310,9 +312,15 @@ async fn plan(
         plan.removed_files = removed.len();
         changed.extend(removed);
         changed.sort();
-        let (rows, starts) = touched_panes(feature, &changed, panes, limits).await?;
+        let (rows, ranges) = match shape {
+            Shape::Panes(panes) => {
+                let (rows, starts) = touched_panes(feature, &changed, panes, limits).await?;
+                (rows, window_ranges(&starts, panes))
+            }
+            Shape::Sessions { gap } => touched_sessions(feature, &changed, output, gap, limits).await?,
+        };
         plan.changed_rows = rows;
-        plan.ranges = window_ranges(&starts, panes);
+        plan.ranges = ranges;
     }
     plan.rows_replaced = count_rows(output, &plan.ranges, limits).await?;
     Ok(plan)
@@ -329,16 +337,7 @@ async fn touched_panes(
     if files.is_empty() {
         return Ok((0, found));
     }
-    for file in files {
-        if let Some(path) = file.strip_prefix("file://")
-            && !std::path::Path::new(path).exists()
-        {
-            return Err(BackfillError::Config(format!(
-                "history file {file} was removed and vacuumed since the output was written; \
-                 its rows cannot be located: recompute with `lockstep batch` or give --from and --to"
-            )));
-        }
-    }
+    check_readable(files)?;
     let ctx = SessionContext::new_with_state(lockstep_batch::plan::session_state(limits)?);
     let mut frame = ctx.read_parquet(files.to_vec(), Default::default()).await?;
     if let Some(filter) = &feature.filter {
@@ -362,6 +361,22 @@ async fn touched_panes(
     Ok((rows, found))
 }
 
+/// Every changed file must still be there: a removed file's rows are read back to find the
+/// windows that lost them.
+fn check_readable(files: &[String]) -> Result<(), BackfillError> {
+    for file in files {
+        if let Some(path) = file.strip_prefix("file://")
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(BackfillError::Config(format!(
+                "history file {file} was removed and vacuumed since the output was written; \
+                 its rows cannot be located: recompute with `lockstep batch` or give --from and --to"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Merges the windows holding each pane in `event_panes` into sorted, disjoint `window_start`
 /// ranges (half-open, milliseconds).
 pub fn window_ranges(event_panes: &BTreeSet<i64>, panes: Panes) -> Vec<(i64, i64)> {
@@ -375,6 +390,133 @@ pub fn window_ranges(event_panes: &BTreeSet<i64>, panes: Panes) -> Vec<(i64, i64
         }
     }
     merged.into_iter().map(|(a, b)| (panes.start_of(a), panes.start_of(b))).collect()
+}
+
+/// How a feature set's windows are cut, as far as backfill is concerned.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Panes(Panes),
+    /// Session windows with this gap in milliseconds.
+    Sessions {
+        gap: i64,
+    },
+}
+
+/// The `window_start` ranges a set of changed events makes stale in a session feature set.
+///
+/// A changed event at `t` of key `k` can join (or, removed, split) any session of `k` whose
+/// `[window_start − gap, window_end)` holds `t`. Every such session, and every session the
+/// event could start, starts in `[min(t, their starts), t + gap)`: replacing that range (for all
+/// keys) with a recompute replaces each stale session whole.
+async fn touched_sessions(
+    feature: &CompiledFeature,
+    files: &[String],
+    output: &str,
+    gap: i64,
+    limits: &SessionLimits,
+) -> Result<(u64, Vec<(i64, i64)>), BackfillError> {
+    use datafusion::functions_aggregate::expr_fn::min;
+    use datafusion::logical_expr::{JoinType, Operator, binary_expr, cast, lit};
+    use datafusion::scalar::ScalarValue;
+    if files.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    check_readable(files)?;
+    let ctx = SessionContext::new_with_state(lockstep_batch::plan::session_state(limits)?);
+    let keys = &feature.feature.key;
+    let millis = lockstep_features::value::timestamp_type();
+    let mut changed = ctx.read_parquet(files.to_vec(), Default::default()).await?;
+    if let Some(filter) = &feature.filter {
+        changed = changed.filter(filter.clone())?;
+    }
+    let quoted = lockstep_features::compile::quoted;
+    let mut columns: Vec<_> = keys
+        .iter()
+        .zip(&feature.key_types)
+        .enumerate()
+        .map(|(i, (k, t))| cast(col(quoted(k)), t.arrow_type()).alias(format!("c{i}")))
+        .collect();
+    columns.push(cast(col(quoted(&feature.source.event_time)), millis.clone()).alias("t"));
+    let changed = changed.select(columns)?.filter(col("t").is_not_null())?;
+    let rows = changed.clone().count().await? as u64;
+    let out = lockstep_batch::source::read_table(&ctx, &Location::Delta(output.into()), None).await?.frame;
+    let mut columns: Vec<_> = keys.iter().enumerate().map(|(i, k)| col(quoted(k)).alias(format!("o{i}"))).collect();
+    columns.push(cast(col("window_start"), millis.clone()).alias("s"));
+    columns.push(cast(col("window_end"), millis.clone()).alias("e"));
+    let out = out.select(columns)?;
+    let gap_lit = || lit(ScalarValue::DurationMillisecond(Some(gap)));
+    let mut on: Vec<_> = (0..keys.len())
+        .map(|i| binary_expr(col(format!("c{i}")), Operator::IsNotDistinctFrom, col(format!("o{i}"))))
+        .collect();
+    on.push(col("s").lt(col("t") + gap_lit()));
+    on.push(col("e").gt(col("t")));
+    let mut group: Vec<_> = (0..keys.len()).map(|i| col(format!("c{i}"))).collect();
+    group.push(col("t"));
+    let joined = changed.join_on(out, JoinType::Left, on)?.aggregate(group, vec![min(col("s")).alias("first")])?;
+    let mut spans: Vec<(i64, i64)> = Vec::new();
+    let mut stream = joined.execute_stream().await?;
+    while let Some(batch) = stream.try_next().await? {
+        let times = batch.column_by_name("t").expect("selected").as_primitive::<TimestampMillisecondType>();
+        let firsts = batch.column_by_name("first").expect("aggregated").as_primitive::<TimestampMillisecondType>();
+        for i in 0..batch.num_rows() {
+            let t = times.value(i);
+            let first = if firsts.is_valid(i) { firsts.value(i).min(t) } else { t };
+            spans.push((first, t.saturating_add(gap)));
+        }
+    }
+    spans.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::new();
+    for (from, to) in spans {
+        match merged.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    Ok((rows, merged))
+}
+
+/// Recomputes the sessions starting in `ranges`. Events are read from `gap` before each range
+/// (an earlier event would start the session earlier) to some time after it; a session is whole
+/// when it ends (last event + gap) at or before the end of what was read. Until every session is
+/// whole, the read extends fourfold.
+async fn recompute_sessions(
+    job: &dyn Fn(Ranges) -> Result<BatchJob, BackfillError>,
+    ranges: &[(i64, i64)],
+    gap: i64,
+) -> Result<(SessionContext, datafusion::dataframe::DataFrame), BackfillError> {
+    let mut reach = gap.max(3_600_000);
+    loop {
+        let mut events: Vec<(i64, i64)> = Vec::new();
+        for &(from, to) in ranges {
+            let span = (from.saturating_sub(gap), to.saturating_add(reach));
+            match events.last_mut() {
+                Some(last) if span.0 <= last.1 => last.1 = last.1.max(span.1),
+                _ => events.push(span),
+            }
+        }
+        let (ctx, frame, _) = job(Ranges { events: events.clone(), windows: ranges.to_vec() })?.dataframe(true).await?;
+        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await?;
+        let whole = batches.iter().all(|batch| {
+            let starts =
+                batch.column_by_name("window_start").expect("output column").as_primitive::<TimestampMillisecondType>();
+            let ends =
+                batch.column_by_name("window_end").expect("output column").as_primitive::<TimestampMillisecondType>();
+            (0..batch.num_rows()).all(|i| {
+                let read_to = events
+                    .iter()
+                    .find(|(a, b)| *a <= starts.value(i) && starts.value(i) < *b)
+                    .map_or(i64::MAX, |e| e.1);
+                ends.value(i) <= read_to
+            })
+        });
+        if whole || reach >= i64::MAX / 8 {
+            let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+            let frame = ctx.read_table(Arc::new(table))?;
+            return Ok((ctx, frame));
+        }
+        reach = reach.saturating_mul(4);
+    }
 }
 
 /// The event times that can fall into windows starting in `windows`: `[start, last start + size)`.
@@ -417,17 +559,27 @@ async fn write(
     history: &Location,
     output_table: &mut deltalake::DeltaTable,
     output: &str,
-    panes: Panes,
+    shape: Shape,
     plan: &BackfillPlan,
     options: &BackfillOptions,
 ) -> Result<((u64, u64, u64), i64), Failure> {
-    let ranges = Ranges { events: event_ranges(&plan.ranges, panes), windows: plan.ranges.clone() };
-    let mut job =
-        BatchJob::new(feature.clone(), Some(history.clone()))?.with_limits(options.limits.clone()).with_ranges(ranges);
-    if let Some(version) = plan.read_version.filter(|_| matches!(history, Location::Delta(_))) {
-        job = job.at_history_version(version as Version);
-    }
-    let (ctx, frame, _) = job.dataframe(true).await?;
+    let job = |ranges: Ranges| -> Result<BatchJob, BackfillError> {
+        let mut job = BatchJob::new(feature.clone(), Some(history.clone()))?
+            .with_limits(options.limits.clone())
+            .with_ranges(ranges);
+        if let Some(version) = plan.read_version.filter(|_| matches!(history, Location::Delta(_))) {
+            job = job.at_history_version(version as Version);
+        }
+        Ok(job)
+    };
+    let (ctx, frame) = match shape {
+        Shape::Panes(panes) => {
+            let ranges = Ranges { events: event_ranges(&plan.ranges, panes), windows: plan.ranges.clone() };
+            let (ctx, frame, _) = job(ranges)?.dataframe(true).await?;
+            (ctx, frame)
+        }
+        Shape::Sessions { gap } => recompute_sessions(&job, &plan.ranges, gap).await?,
+    };
     let predicate = in_ranges("window_start", &lockstep_features::value::timestamp_type(), &plan.ranges)?;
     let mut metadata = serde_json::Map::new();
     metadata.insert("lockstep.feature".into(), feature.feature.name.clone().into());
@@ -453,7 +605,7 @@ async fn write(
     let written = output_table
         .clone()
         .write(Vec::new())
-        .with_input_plan(frame.logical_plan().clone())
+        .with_input_plan(lockstep_batch::output::ordered_source(frame).await?)
         .with_session_state(Arc::new(ctx.state()))
         .with_save_mode(SaveMode::Overwrite)
         .with_replace_where(predicate)

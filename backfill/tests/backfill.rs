@@ -34,6 +34,16 @@ features:
       top: max(amount)
       sd: stddev(amount)
     output: { delta: out }
+  sessions:
+    source: transactions
+    key: [user_id]
+    filter: "amount > 0"
+    window: { session: 20m }
+    aggregations:
+      n: count(*)
+      total: sum(amount)
+      last_seen: max(event_time)
+    output: { delta: out-sessions }
 "#;
 
 const MINUTE: i64 = 60_000;
@@ -73,11 +83,15 @@ async fn write_delta(url: &str, batch: RecordBatch, mode: SaveMode) -> i64 {
 
 /// History version 0 without the late events; the output written by `lockstep batch` from it.
 async fn setup() -> Setup {
+    setup_feature("velocity").await
+}
+
+async fn setup_feature(name: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let definitions = Definitions::parse("d.yaml", DEFINITIONS, dir.path()).unwrap();
-    let feature = compile_feature(&definitions, definitions.feature("velocity").unwrap()).unwrap();
+    let feature = compile_feature(&definitions, definitions.feature(name).unwrap()).unwrap();
     let history = dir.path().join("history").display().to_string();
-    let output = dir.path().join("out").display().to_string();
+    let output = feature.feature.output.table.as_ref().unwrap().url().to_string();
     let all = events();
     let start = all.column_by_name("event_time").map(|_| times(&all).into_iter().flatten().min().unwrap()).unwrap();
     // Late data at three separate times of the day, one of them on a window boundary.
@@ -143,6 +157,38 @@ fn touched_starts(late: &RecordBatch) -> BTreeSet<i64> {
 async fn commits(url: &str) -> Vec<deltalake::kernel::CommitInfo> {
     let table = deltalake::open_table(lockstep_batch::source::to_url(url).unwrap()).await.unwrap();
     table.history(None).try_collect().await.unwrap()
+}
+
+/// `window_start` of every row of every data file of a Delta table, in file order.
+fn file_order(url: &str) -> Vec<Vec<i64>> {
+    let mut files: Vec<_> = std::fs::read_dir(url)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let file = std::fs::File::open(path).unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 8192).unwrap();
+            let mut starts = Vec::new();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let column = batch.column_by_name("window_start").unwrap().as_primitive::<TimestampMicrosecondType>();
+                starts.extend(column.values().iter().copied());
+            }
+            starts
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_output_files_hold_rows_in_window_start_order() {
+    let setup = setup().await;
+    for starts in file_order(&setup.output) {
+        assert!(starts.windows(2).all(|w| w[0] <= w[1]), "a data file is not ordered by window_start");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,15 +321,57 @@ async fn an_append_outside_the_ranges_is_kept() {
     assert_eq!(select(&after, &starts, true), select(&full, &starts, true));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_features_and_parquet_histories_get_clear_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = DEFINITIONS.replace("window: { sliding: 1h, every: 10m, offset: 3m }", "window: { session: 30m }");
-    let definitions = Definitions::parse("d.yaml", &text, dir.path()).unwrap();
-    let sessions = compile_feature(&definitions, definitions.feature("velocity").unwrap()).unwrap();
-    let error = backfill(&sessions, BackfillOptions::default()).await.unwrap_err().to_string();
-    assert!(error.contains("session windows"), "{error}");
+/// Sessions of a key, as (start, end), from a sorted output.
+fn sessions_of(batch: &RecordBatch, user: &str) -> Vec<(i64, i64)> {
+    let users = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+    let users = users.as_string::<i32>();
+    let starts = batch.column(1).as_primitive::<TimestampMicrosecondType>();
+    let ends = batch.column(2).as_primitive::<TimestampMicrosecondType>();
+    (0..batch.num_rows()).filter(|&i| users.value(i) == user).map(|i| (starts.value(i), ends.value(i))).collect()
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_merging_sessions_are_repaired_whole() {
+    let setup = setup_feature("sessions").await;
+    let before = rows(&setup.output).await;
+    write_delta(&setup.history, setup.late.clone(), SaveMode::Append).await;
+    let summary = backfill(&setup.feature, BackfillOptions::default()).await.unwrap();
+    assert_eq!(summary.attempts, 1);
+    assert!(!summary.plan.ranges.is_empty());
+    let after = rows(&setup.output).await;
+    let full = recompute(&setup).await;
+    assert_eq!(after, full, "backfilled sessions == full recompute");
+    // The late spots merged sessions: some key has fewer, longer sessions now.
+    let users = setup.late.column_by_name("user_id").unwrap().as_string::<i32>();
+    let merged = (0..users.len()).any(|i| {
+        let user = users.value(i);
+        sessions_of(&after, user).len() < sessions_of(&before, user).len()
+    });
+    assert!(merged, "the fixture's late events merge sessions");
+    // Sessions starting outside the replaced ranges are the very rows from before.
+    let outside = |batch: &RecordBatch| -> RecordBatch {
+        let starts = batch.column(1).as_primitive::<TimestampMicrosecondType>();
+        let mask: BooleanArray = (0..batch.num_rows())
+            .map(|i| {
+                Some(
+                    !summary
+                        .plan
+                        .ranges
+                        .iter()
+                        .any(|&(a, b)| a <= starts.value(i) / 1000 && starts.value(i) / 1000 < b),
+                )
+            })
+            .collect();
+        filter_record_batch(batch, &mask).unwrap()
+    };
+    assert_eq!(outside(&after), outside(&before));
+    let again = backfill(&setup.feature, BackfillOptions::default()).await.unwrap();
+    assert!(again.up_to_date());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_histories_and_missing_outputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
     let definitions = Definitions::parse("d.yaml", DEFINITIONS, dir.path()).unwrap();
     let feature = compile_feature(&definitions, definitions.feature("velocity").unwrap()).unwrap();
     let options = BackfillOptions {

@@ -179,6 +179,56 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[S
     Ok(())
 }
 
+/// The rows of `frame`, in its order, as a plan Delta's writer cannot reorder. Given the plan
+/// itself, the writer's physical optimizer drops a sort nothing above it requires, and the files
+/// would each span the whole time range; given one ordered stream, each file holds a narrow
+/// span of `window_start`.
+pub async fn ordered_source(frame: DataFrame) -> Result<datafusion::logical_expr::LogicalPlan, BatchError> {
+    use datafusion::catalog::streaming::StreamingTable;
+    use datafusion::datasource::provider_as_source;
+    use datafusion::logical_expr::LogicalPlanBuilder;
+    let schema = Arc::new(frame.schema().as_arrow().clone());
+    let stream = frame.execute_stream().await?;
+    let partition = OneStream { schema: schema.clone(), stream: std::sync::Mutex::new(Some(stream)) };
+    let table = StreamingTable::try_new(schema, vec![Arc::new(partition)])?;
+    Ok(LogicalPlanBuilder::scan("lockstep_rows", provider_as_source(Arc::new(table)), None)?.build()?)
+}
+
+/// A partition that hands out one already-running stream, once.
+struct OneStream {
+    schema: arrow::datatypes::SchemaRef,
+    stream: std::sync::Mutex<Option<datafusion::execution::SendableRecordBatchStream>>,
+}
+
+impl std::fmt::Debug for OneStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OneStream")
+    }
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for OneStream {
+    fn schema(&self) -> &arrow::datatypes::SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        match self.stream.lock().expect("not poisoned").take() {
+            Some(stream) => stream,
+            None => {
+                let error = datafusion::error::DataFusionError::Internal("the rows were already written".into());
+                Box::pin(RecordBatchStreamAdapter::new(
+                    self.schema.clone(),
+                    futures::stream::once(async move { Err(error) }),
+                ))
+            }
+        }
+    }
+}
+
 async fn write_delta(
     state: &SessionState,
     frame: DataFrame,
@@ -191,7 +241,7 @@ async fn write_delta(
         std::fs::create_dir_all(table_url.path()).map_err(|e| failed(e.to_string()))?;
     }
     let table = deltalake::DeltaTable::try_from_url(table_url).await.map_err(|e| failed(e.to_string()))?;
-    let plan = frame.logical_plan().clone();
+    let plan = ordered_source(frame).await?;
     table
         .write(Vec::new())
         .with_input_plan(plan)

@@ -172,8 +172,9 @@ pub fn session_state(limits: &SessionLimits) -> Result<SessionState> {
         .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
         // File statistics are off: DataFusion 55 turns a column whose Parquet min equals its max
         // into a constant, but Parquet min/max leave NaN out, so a float column holding one
-        // number and NaN would read as that number everywhere. Every scan here is a full scan,
-        // so nothing is lost.
+        // number and NaN would read as that number everywhere. Row-group pruning by a filter
+        // (a backfill's time ranges) reads the Parquet footers itself and still works, as does
+        // Delta's file skipping.
         .set_bool("datafusion.execution.collect_statistics", false);
     Ok(SessionStateBuilder::new()
         .with_config(config)

@@ -250,10 +250,10 @@ pub async fn run(options: &DemoOptions, quiet: bool) -> Result<ExitCode> {
         7,
         "backfill",
         format!(
-            "{} changed rows touch {} window_start ranges holding {} rows ({share:.2}% of the table): \
+            "{} changed rows touch {} holding {} rows ({share:.2}% of the table): \
              replaced by {} recomputed rows in one replaceWhere commit (output version {})",
             plan.changed_rows,
-            plan.ranges.len(),
+            plural(plan.ranges.len(), "window_start range"),
             plan.rows_replaced,
             repaired.rows_written,
             repaired.committed.unwrap_or(-1)
@@ -304,6 +304,11 @@ pub async fn run(options: &DemoOptions, quiet: bool) -> Result<ExitCode> {
 
 fn events_parquet(path: &str) -> Location {
     Location::Parquet(path.to_string())
+}
+
+/// `1 range`, `3 ranges`.
+pub fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
 fn differences(report: &Report) -> String {

@@ -109,11 +109,8 @@ pub fn describe(feature: &str, summary: &BackfillSummary, dry_run: bool) -> Stri
         plan.removed_files,
         plan.changed_rows
     ));
-    out.push_str(&format!(
-        "  {} window_start range(s), {} output rows in them:\n",
-        plan.ranges.len(),
-        plan.rows_replaced
-    ));
+    let ranges = crate::demo::plural(plan.ranges.len(), "window_start range");
+    out.push_str(&format!("  {ranges}, {} output rows in them:\n", plan.rows_replaced));
     for (from, to) in plan.ranges.iter().take(8) {
         out.push_str(&format!("    [{}, {})\n", format_time(*from), format_time(*to)));
     }

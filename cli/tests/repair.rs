@@ -32,7 +32,7 @@ fn the_demo_tells_the_whole_story_and_every_tool_agrees_with_it() {
     assert!(out.contains("8. compare   backfilled offline vs a full recompute: identical"), "{out}");
     assert_eq!(out.matches("explained by too-late events").count(), 2, "{out}");
     assert!(!out.contains("UNEXPLAINED"), "{out}");
-    assert!(out.contains("1 window_start ranges"), "one outage gives one range:\n{out}");
+    assert!(out.contains("touch 1 window_start range holding"), "one outage gives one range:\n{out}");
 
     let path = |p: &str| dir.join(p).display().to_string();
     let (offline, online, late) = (path("lake/offline/user_velocity"), path("online.parquet"), path("late.parquet"));

@@ -383,3 +383,31 @@ async fn parquet_histories_and_missing_outputs_get_clear_errors() {
     let error = backfill(&feature, BackfillOptions::default()).await.unwrap_err().to_string();
     assert!(error.contains("not a Delta table") || error.contains("lockstep batch"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rows_landing_during_a_backfill_are_left_for_the_next_run() {
+    let setup = setup().await;
+    // Two late batches: the first lands before the backfill, the second while it runs.
+    let half = setup.late.num_rows() / 2;
+    let (first, second) = (setup.late.slice(0, half), setup.late.slice(half, setup.late.num_rows() - half));
+    write_delta(&setup.history, first, SaveMode::Append).await;
+    let history = setup.history.clone();
+    let hook: BeforeCommit = Arc::new(move |attempt| {
+        let (history, second) = (history.clone(), second.clone());
+        Box::pin(async move {
+            if attempt == 1 {
+                write_delta(&history, second, SaveMode::Append).await;
+            }
+        })
+    });
+    let summary = backfill(&setup.feature, BackfillOptions { before_commit: Some(hook), ..BackfillOptions::default() })
+        .await
+        .unwrap();
+    assert_eq!(summary.attempts, 1, "a history append does not conflict with the output commit");
+    assert_eq!(summary.plan.to_version, Some(1), "the run records the version it read");
+    // The next run picks up version 2; then the table equals a full recompute.
+    let next = backfill(&setup.feature, BackfillOptions::default()).await.unwrap();
+    assert_eq!((next.plan.from_version, next.plan.to_version), (Some(1), Some(2)));
+    assert!(!next.up_to_date());
+    assert_eq!(rows(&setup.output).await, recompute(&setup).await, "no late row lost");
+}

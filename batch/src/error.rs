@@ -29,3 +29,9 @@ impl From<datafusion::error::DataFusionError> for BatchError {
         BatchError::Execution(message)
     }
 }
+
+impl From<arrow::error::ArrowError> for BatchError {
+    fn from(error: arrow::error::ArrowError) -> Self {
+        BatchError::Execution(error.to_string())
+    }
+}

@@ -54,6 +54,15 @@ pub struct WindowStage {
     pub key_names: Vec<String>,
     pub output_schema: SchemaRef,
     pub counters: Arc<StageCounters>,
+    /// When set, only these windows are written (training sets need few of them).
+    pub wanted: Option<Arc<WantedWindows>>,
+}
+
+/// The windows a job must write, by key (in the Arrow row format of the key columns) and
+/// `window_start`; every other window is computed but not written.
+#[derive(Debug, Default)]
+pub struct WantedWindows {
+    pub by_key: std::collections::HashMap<Box<[u8]>, std::collections::HashSet<i64>>,
 }
 
 impl WindowStage {
@@ -67,6 +76,7 @@ impl WindowStage {
             key_names: feature.feature.key.clone(),
             output_schema: feature.output_schema(),
             counters,
+            wanted: None,
         }
     }
 
@@ -220,6 +230,8 @@ struct StageState {
     converter: RowConverter,
     assembler: Assembler,
     key: Option<OwnedRow>,
+    /// The windows wanted of the current key (`None`: all).
+    key_wanted: Option<std::collections::HashSet<i64>>,
     sink: RowSink,
     batch_size: usize,
     ready: Vec<RecordBatch>,
@@ -246,6 +258,7 @@ impl StageState {
             converter,
             assembler,
             key: None,
+            key_wanted: None,
             sink: RowSink::new(&stage.specs, stage.output_schema.clone(), batch_size),
             batch_size,
             ready: Vec::new(),
@@ -269,22 +282,25 @@ impl StageState {
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
                 if self.key.take().is_some() {
-                    finish_key(&mut self.assembler, &mut self.sink, &feature)?;
+                    finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_ref(), &feature)?;
                 }
                 let owned = key.owned();
                 self.sink.begin_key(&owned);
+                self.key_wanted =
+                    self.stage.wanted.as_ref().map(|w| w.by_key.get(owned.row().as_ref()).cloned().unwrap_or_default());
                 self.key = Some(owned);
             }
+            let (sink, wanted) = (&mut self.sink, self.key_wanted.as_ref());
             let states: &mut Vec<Partial> = match &mut self.assembler {
                 Assembler::Panes { slider, panes, open } => {
                     let pane = panes.pane_of(time);
                     if open.as_ref().is_some_and(|(p, _)| *p != pane) {
                         let (p, states) = open.take().expect("checked above");
-                        slider.push(p, states, &mut |w| self.sink.append(w, &feature))?;
+                        slider.push(p, states, &mut |w| emit(sink, wanted, w, &feature))?;
                     }
                     &mut open.get_or_insert_with(|| (pane, specs.iter().map(Partial::empty).collect())).1
                 }
-                Assembler::Sessions(builder) => builder.at(time, &mut |w| self.sink.append(w, &feature))?,
+                Assembler::Sessions(builder) => builder.at(time, &mut |w| emit(sink, wanted, w, &feature))?,
             };
             stage.apply(specs, states, row, time);
             if self.sink.rows >= self.batch_size {
@@ -301,7 +317,7 @@ impl StageState {
     fn finish(&mut self) -> Result<()> {
         if self.key.take().is_some() {
             let feature = self.stage.feature.clone();
-            finish_key(&mut self.assembler, &mut self.sink, &feature)?;
+            finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_ref(), &feature)?;
         }
         self.flush()?;
         self.done = true;
@@ -324,8 +340,26 @@ fn flush(
     Ok(())
 }
 
-fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, feature: &str) -> Result<()> {
-    let mut emit = |w: WindowRow<'_>| sink.append(w, feature);
+/// Writes a window unless only some windows are wanted and it is not one of them.
+fn emit(
+    sink: &mut RowSink,
+    wanted: Option<&std::collections::HashSet<i64>>,
+    w: WindowRow<'_>,
+    feature: &str,
+) -> Result<()> {
+    if wanted.is_some_and(|starts| !starts.contains(&w.start)) {
+        return Ok(());
+    }
+    sink.append(w, feature)
+}
+
+fn finish_key(
+    assembler: &mut Assembler,
+    sink: &mut RowSink,
+    wanted: Option<&std::collections::HashSet<i64>>,
+    feature: &str,
+) -> Result<()> {
+    let mut emit = |w: WindowRow<'_>| emit(sink, wanted, w, feature);
     match assembler {
         Assembler::Panes { slider, open, .. } => {
             if let Some((p, states)) = open.take() {

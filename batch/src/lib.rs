@@ -10,6 +10,7 @@ pub mod exec;
 pub mod output;
 pub mod plan;
 pub mod source;
+pub mod training;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,6 +41,7 @@ pub struct BatchJob {
     counters: Arc<StageCounters>,
     history_version: Option<deltalake::kernel::Version>,
     ranges: Option<Ranges>,
+    wanted: Option<Arc<exec::WantedWindows>>,
     /// The Delta version of the history the last `frame` read (Delta histories only).
     read_version: std::sync::Mutex<Option<deltalake::kernel::Version>>,
 }
@@ -102,6 +104,7 @@ impl BatchJob {
             counters: Arc::new(StageCounters::default()),
             history_version: None,
             ranges: None,
+            wanted: None,
             read_version: std::sync::Mutex::new(None),
         })
     }
@@ -109,6 +112,12 @@ impl BatchJob {
     /// Reads a Delta history at `version` instead of its latest version.
     pub fn at_history_version(mut self, version: deltalake::kernel::Version) -> Self {
         self.history_version = Some(version);
+        self
+    }
+
+    /// Writes only these windows (all windows are still computed, but few are evaluated).
+    pub fn with_wanted(mut self, wanted: Arc<exec::WantedWindows>) -> Self {
+        self.wanted = Some(wanted);
         self
     }
 
@@ -153,7 +162,8 @@ impl BatchJob {
             builder = builder.filter(filter.clone())?;
         }
         let staged = builder.project(self.feature.stage_exprs())?.build()?;
-        let stage = WindowStage::new(&self.feature, self.counters.clone());
+        let mut stage = WindowStage::new(&self.feature, self.counters.clone());
+        stage.wanted = self.wanted.clone();
         let mut windowed = LogicalPlanBuilder::from(FeatureWindowNode::try_new(stage, staged)?.into_plan());
         if let Some(ranges) = &self.ranges {
             windowed = windowed.filter(in_ranges(

@@ -156,6 +156,31 @@ enum Command {
         #[arg(long, default_value = "1GiB")]
         memory_limit: String,
     },
+    /// Build a point-in-time training set: the labels' columns plus, per feature set, the
+    /// values the online store would have served at each label's time.
+    TrainingSet {
+        file: PathBuf,
+        /// Labels: a Parquet file or folder, a Delta table, or a .csv file with a header.
+        #[arg(long)]
+        labels: String,
+        /// Feature sets, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        features: Vec<String>,
+        /// Write the training set here (a URL ending in .parquet is one file).
+        #[arg(long)]
+        out: String,
+        /// Force the output format.
+        #[arg(long, value_enum)]
+        format: Option<TableFormat>,
+        /// The labels' time column (default: their only timestamp column).
+        #[arg(long)]
+        label_time: Option<String>,
+        /// Read this history instead of the sources' `history`.
+        #[arg(long)]
+        history: Option<String>,
+        #[arg(long, default_value = "1GiB")]
+        memory_limit: String,
+    },
     /// The whole story on embedded defaults, in a local folder, without a broker: generate,
     /// batch, stream (replay), compare, late data lands, backfill, compare again.
     Demo {
@@ -281,6 +306,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let limits = SessionLimits { memory_limit: parse_bytes(&memory_limit)?, ..SessionLimits::default() };
             let args = repair::BackfillArgs { history, out, from, to, dry_run, limits };
             repair::backfill(&file, &feature, args, cli.quiet).await
+        }
+        Command::TrainingSet { file, labels, features, out, format, label_time, history, memory_limit } => {
+            let limits = SessionLimits { memory_limit: parse_bytes(&memory_limit)?, ..SessionLimits::default() };
+            let options = lockstep_batch::training::TrainingOptions {
+                labels,
+                label_time,
+                history: history.map(|h| lockstep_batch::source::locate(&h, None)),
+                limits,
+            };
+            training_set(&file, &features, options, &out, format, cli.quiet).await
         }
         Command::Demo { dir, events, users, days, seed } => {
             demo::run(&demo::DemoOptions { dir, events, users, days, seed }, cli.quiet).await
@@ -430,6 +465,36 @@ async fn batch(
     if summary.null_times > 0 {
         eprintln!("warning: {} events had no event time and were skipped", summary.null_times);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn training_set(
+    file: &Path,
+    features: &[String],
+    options: lockstep_batch::training::TrainingOptions,
+    out: &str,
+    format: Option<TableFormat>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let definitions = load(file)?;
+    let mut compiled = Vec::new();
+    for name in features {
+        let feature = definitions.feature(name).map_err(anyhow::Error::msg)?;
+        compiled.push(compile_feature(&definitions, feature)?);
+    }
+    let target = OutputTarget::resolve(Some(out), output_format(format), None)?;
+    let bar = progress::Progress::follow(quiet, || "building the training set".to_string());
+    let result = lockstep_batch::training::training_set(&compiled, &options, &target).await;
+    bar.finish();
+    let summary = result?;
+    let found: Vec<String> = summary.found.iter().map(|(name, n)| format!("{name}: {n} with a window")).collect();
+    println!(
+        "training set: {} labels ({}) in {:.2}s → {}",
+        summary.labels,
+        found.join(", "),
+        summary.elapsed.as_secs_f64(),
+        summary.output
+    );
     Ok(ExitCode::SUCCESS)
 }
 

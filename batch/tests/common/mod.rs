@@ -64,6 +64,11 @@ pub fn write_parquet(path: &Path, events: &[Event]) {
 
 /// The definitions file of these tests, with the given window and filter.
 pub fn definitions(window: &str, filter: Option<&str>) -> Definitions {
+    definitions_delayed(window, filter, "0s")
+}
+
+/// Like [`definitions`], with a serving delay.
+pub fn definitions_delayed(window: &str, filter: Option<&str>, serving_delay: &str) -> Definitions {
     let filter = filter.map_or(String::new(), |f| format!("    filter: \"{f}\"\n"));
     let text = format!(
         r#"
@@ -76,6 +81,7 @@ features:
     source: events
     key: [user_id]
 {filter}    window: {window}
+    serving_delay: {serving_delay}
     aggregations:
       n: count(*)
       n_amount: count(amount)

@@ -4,28 +4,11 @@
 
 mod common;
 
-use common::{Event, RefWindow, assert_rows_match, definitions, reference, run_batch, write_parquet};
+use common::{Event, assert_rows_match, definitions, reference, run_batch, windows, write_parquet};
 use lockstep_features::Location;
 use proptest::prelude::*;
 
 const MINUTE: i64 = 60_000;
-
-/// Window definitions under test, as YAML and as the reference's window.
-fn windows() -> Vec<(&'static str, RefWindow)> {
-    vec![
-        ("{ sliding: 10m, every: 1m }", RefWindow::Sliding { size: 10 * MINUTE, every: MINUTE, offset: 0 }),
-        (
-            "{ sliding: 15m, every: 5m, offset: 2m }",
-            RefWindow::Sliding { size: 15 * MINUTE, every: 5 * MINUTE, offset: 2 * MINUTE },
-        ),
-        ("{ tumbling: 1h }", RefWindow::Sliding { size: 60 * MINUTE, every: 60 * MINUTE, offset: 0 }),
-        (
-            "{ tumbling: 7m, offset: 3m }",
-            RefWindow::Sliding { size: 7 * MINUTE, every: 7 * MINUTE, offset: 3 * MINUTE },
-        ),
-        ("{ session: 5m }", RefWindow::Session { gap: 5 * MINUTE }),
-    ]
-}
 
 fn amount() -> impl Strategy<Value = Option<f64>> {
     prop_oneof![

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use common::{Cell, Event, RefWindow, Row, assert_rows_match, definitions_delayed, reference, rows_of, write_parquet};
+use common::{
+    Cell, Event, RefWindow, Row, assert_rows_match, definitions_delayed, reference, rows_of, windows, write_parquet,
+};
 use lockstep_batch::training::{TrainingOptions, training_set};
 use lockstep_batch::{OutputTarget, SessionLimits};
 use lockstep_features::{Location, compile_feature};
@@ -17,18 +19,6 @@ use proptest::prelude::*;
 
 const MINUTE: i64 = 60_000;
 const DELAY: i64 = 90_000;
-
-fn windows() -> Vec<(&'static str, RefWindow)> {
-    vec![
-        ("{ sliding: 10m, every: 1m }", RefWindow::Sliding { size: 10 * MINUTE, every: MINUTE, offset: 0 }),
-        (
-            "{ sliding: 15m, every: 5m, offset: 2m }",
-            RefWindow::Sliding { size: 15 * MINUTE, every: 5 * MINUTE, offset: 2 * MINUTE },
-        ),
-        ("{ tumbling: 1h }", RefWindow::Sliding { size: 60 * MINUTE, every: 60 * MINUTE, offset: 0 }),
-        ("{ session: 5m }", RefWindow::Session { gap: 5 * MINUTE }),
-    ]
-}
 
 fn event() -> impl Strategy<Value = Event> {
     (
@@ -168,7 +158,7 @@ proptest! {
     fn training_rows_equal_the_brute_force_pick(
         events in prop::collection::vec(event(), 0..60),
         labels in prop::collection::vec(label(), 1..40),
-        window in 0usize..4,
+        window in 0usize..5,
     ) {
         check(&events, &labels, window);
     }

@@ -14,6 +14,16 @@ fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
+/// `lockstep training-set` of the example definitions over `events`, writing `out`.
+fn training(labels: &Path, features: &str, events: &str, out: &Path, extra: &[&str]) -> Output {
+    let examples = examples();
+    let mut args =
+        vec!["training-set", examples.as_str(), "--labels", labels.to_str().unwrap(), "--features", features];
+    args.extend(["--history", events, "--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    lockstep(&args)
+}
+
 fn examples() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/transactions.yaml").display().to_string()
 }
@@ -32,39 +42,13 @@ fn csv_labels_get_one_row_each_in_order() {
     std::fs::write(&labels, csv).unwrap();
     let out = dir.path().join("training.parquet");
     let features = "user_velocity,merchant_daily,user_sessions";
-    let ran = lockstep(&[
-        "training-set",
-        &examples(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "--features",
-        features,
-        "--label-time",
-        "label_time",
-        "--history",
-        &events,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let ran = training(&labels, features, &events, &out, &["--label-time", "label_time"]);
     // merchant_daily is keyed by merchant_id, which these labels lack.
     assert!(!ran.status.success());
     assert!(text(&ran).contains("keyed by `merchant_id`, but the labels have no such column"), "{}", text(&ran));
     assert!(!out.exists(), "no partial output");
 
-    let ran = lockstep(&[
-        "training-set",
-        &examples(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "--features",
-        "user_velocity,user_sessions",
-        "--label-time",
-        "label_time",
-        "--history",
-        &events,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let ran = training(&labels, "user_velocity,user_sessions", &events, &out, &["--label-time", "label_time"]);
     assert!(ran.status.success(), "{}", text(&ran));
     assert!(text(&ran).contains("training set: 24 labels"), "{}", text(&ran));
     let reader =
@@ -86,18 +70,7 @@ fn csv_labels_get_one_row_each_in_order() {
     // Two time columns and no --label-time: a clear error naming both.
     let two = dir.path().join("two.csv");
     std::fs::write(&two, "user_id,label_time,created_at\nu000001,2026-01-05T10:00:00Z,2026-01-05T09:00:00Z\n").unwrap();
-    let ran = lockstep(&[
-        "training-set",
-        &examples(),
-        "--labels",
-        two.to_str().unwrap(),
-        "--features",
-        "user_velocity",
-        "--history",
-        &events,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let ran = training(&two, "user_velocity", &events, &out, &[]);
     assert!(!ran.status.success());
     assert!(text(&ran).contains("several timestamp columns (label_time, created_at)"), "{}", text(&ran));
 }

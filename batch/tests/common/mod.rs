@@ -356,3 +356,20 @@ pub fn assert_rows_match(actual: &[Row], expected: &[Row], approximate: &[(usize
         }
     }
 }
+
+/// Window definitions under test, as YAML and as the reference's window.
+pub fn windows() -> Vec<(&'static str, RefWindow)> {
+    vec![
+        ("{ sliding: 10m, every: 1m }", RefWindow::Sliding { size: 10 * 60_000, every: 60_000, offset: 0 }),
+        (
+            "{ sliding: 15m, every: 5m, offset: 2m }",
+            RefWindow::Sliding { size: 15 * 60_000, every: 5 * 60_000, offset: 2 * 60_000 },
+        ),
+        ("{ tumbling: 1h }", RefWindow::Sliding { size: 60 * 60_000, every: 60 * 60_000, offset: 0 }),
+        (
+            "{ tumbling: 7m, offset: 3m }",
+            RefWindow::Sliding { size: 7 * 60_000, every: 7 * 60_000, offset: 3 * 60_000 },
+        ),
+        ("{ session: 5m }", RefWindow::Session { gap: 5 * 60_000 }),
+    ]
+}

@@ -74,8 +74,6 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/lockstep-bench-repair")
     parser.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    import duckdb
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -84,19 +82,11 @@ def main() -> None:
     run([bin, "generate", "--events", str(args.events), "--users", "20000", "--days", "7", "--seed", "42",
          "--out", str(events), "--quiet"])
 
-    # The late spot: 40 minutes in the middle of the week.
-    con = duckdb.connect()
-    first = con.execute(f"SELECT epoch_ms(min(event_time)) FROM read_parquet('{events}')").fetchone()[0]
-    spot_start = (first + int(3.5 * 86_400_000)) // 60_000 * 60_000
-    spot = (spot_start, spot_start + 40 * 60_000)
-    inside = f"epoch_ms(event_time) >= {spot[0]} AND epoch_ms(event_time) < {spot[1]}"
-    for name, where in (("ontime", f"NOT ({inside})"), ("late", inside)):
-        con.execute(f"COPY (SELECT * FROM read_parquet('{events}') WHERE {where}) TO '{work / name}.parquet'")
-    late_rows = con.execute(f"SELECT count(*) FROM read_parquet('{work}/late.parquet')").fetchone()[0]
-    con.close()
+    # The late spot: 40 minutes in the middle of the week. Data is prepared by child processes:
+    # this one stays small, so that the peak RSS of the processes it starts (inherited at fork)
+    # is theirs alone.
+    late_rows = int(run([sys.executable, __file__, "--split", str(events), str(work)]).strip())
     history = work / "history"
-    # Tables are loaded by a child process: this one stays small, so that the peak RSS of the
-    # processes it starts (inherited at fork) is theirs alone.
     run([sys.executable, __file__, "--write-delta", str(history), str(work / "ontime.parquet"), "overwrite"])
 
     definitions = work / "features.yaml"
@@ -189,12 +179,30 @@ def main() -> None:
         f"compare Delta {[round(w, 2) for w, _ in delta_compare]}; compare Parquet {[round(w, 2) for w, _ in ours]}; "
         f"DuckDB {[round(w, 2) for w, _ in peer]}.",
         "",
-        f"Machine: {os.cpu_count()} cores; duckdb {duckdb.__version__}.",
+        f"Machine: {os.cpu_count()} cores; duckdb {duckdb_version()}.",
     ]
     replace_section(Path(args.report), TITLE, "\n".join(lines))
     print("\n".join(lines))
     if not (identical and agree):
         sys.exit(1)
+
+
+def duckdb_version() -> str:
+    return run([sys.executable, "-c", "import duckdb; print(duckdb.__version__)"]).strip()
+
+
+def split(events: str, work: str) -> None:
+    """Writes the events of a 40-minute spot in mid-week to late.parquet and the rest to
+    ontime.parquet; prints the number of late events."""
+    import duckdb
+
+    con = duckdb.connect()
+    first = con.execute(f"SELECT epoch_ms(min(event_time)) FROM read_parquet('{events}')").fetchone()[0]
+    spot_start = (first + int(3.5 * 86_400_000)) // 60_000 * 60_000
+    inside = f"epoch_ms(event_time) >= {spot_start} AND epoch_ms(event_time) < {spot_start + 40 * 60_000}"
+    for name, where in (("ontime", f"NOT ({inside})"), ("late", inside)):
+        con.execute(f"COPY (SELECT * FROM read_parquet('{events}') WHERE {where}) TO '{work}/{name}.parquet'")
+    print(con.execute(f"SELECT count(*) FROM read_parquet('{work}/late.parquet')").fetchone()[0])
 
 
 def write_delta(table: str, parquet: str, mode: str) -> None:
@@ -205,7 +213,9 @@ def write_delta(table: str, parquet: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--write-delta":
+    if len(sys.argv) == 4 and sys.argv[1] == "--split":
+        split(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--write-delta":
         write_delta(sys.argv[2], sys.argv[3], sys.argv[4])
     elif len(sys.argv) == 5 and sys.argv[1] == "--duckdb-compare":
         Path(sys.argv[4]).write_text(json.dumps(duckdb_compare(sys.argv[2], sys.argv[3])))

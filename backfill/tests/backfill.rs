@@ -142,7 +142,8 @@ fn touched_starts(late: &RecordBatch) -> BTreeSet<i64> {
     let mut starts = BTreeSet::new();
     for (i, t) in times(late).into_iter().enumerate() {
         let Some(t) = t else { continue };
-        if amounts.is_null(i) || !(amounts.value(i) > 0.0) {
+        // The filter `amount > 0` keeps neither nulls nor NaN.
+        if amounts.is_null(i) || amounts.value(i).is_nan() || amounts.value(i) <= 0.0 {
             continue;
         }
         let mut start = (t - offset).div_euclid(every) * every + offset;

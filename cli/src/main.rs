@@ -181,6 +181,19 @@ enum Command {
         #[arg(long, default_value = "1GiB")]
         memory_limit: String,
     },
+    /// Serve feature reads over HTTP from the online store the streaming job fills.
+    Serve {
+        file: PathBuf,
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The online store (default: the feature sets' `output.online`).
+        #[arg(long)]
+        online: Option<String>,
+        /// Append every answer to this file as JSON lines (for `lockstep skew`).
+        #[arg(long)]
+        log: Option<String>,
+    },
     /// The whole story on embedded defaults, in a local folder, without a broker: generate,
     /// batch, stream (replay), compare, late data lands, backfill, compare again.
     Demo {
@@ -317,6 +330,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             training_set(&file, &features, options, &out, format, cli.quiet).await
         }
+        Command::Serve { file, listen, online, log } => serve(&file, listen, online, log.as_deref()).await,
         Command::Demo { dir, events, users, days, seed } => {
             demo::run(&demo::DemoOptions { dir, events, users, days, seed }, cli.quiet).await
         }
@@ -465,6 +479,22 @@ async fn batch(
     if summary.null_times > 0 {
         eprintln!("warning: {} events had no event time and were skipped", summary.null_times);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    file: &Path,
+    listen: std::net::SocketAddr,
+    online: Option<String>,
+    log: Option<&str>,
+) -> Result<ExitCode> {
+    let definitions = load(file)?;
+    let features = compile_all(&definitions)?;
+    let online = online
+        .or_else(|| features.iter().find_map(|f| f.feature.output.online.clone()))
+        .context("no online store: pass --online redis://HOST:PORT or give a feature set `output.online`")?;
+    println!("serving {} feature set(s) from {online} on http://{listen}", features.len());
+    lockstep_stream::serve::serve(features, &online, listen, log).await?;
     Ok(ExitCode::SUCCESS)
 }
 

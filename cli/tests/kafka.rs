@@ -532,6 +532,105 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
             latest.iter().map(|(start, value)| (format!("w:{start}"), show(value))).collect();
         assert!(rows == expected, "{hash}: {} stored windows, {} expected", rows.len(), expected.len());
     }
+
+    // `lockstep serve` answers from that store with the window SPEC §6 picks for the request
+    // time: a request at window_end + serving delay (30 s) gets that window, 1 ms earlier the
+    // window before it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = fixture._dir.path().join("served.jsonl");
+    let server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["serve", fixture.definitions.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--online", &redis_url, "--log", log.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let get = |path: &str| http(port, "GET", path, "");
+    let started = Instant::now();
+    while get("/metrics").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(20), "serve did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The latest window of each user (the store keeps the latest ones).
+    let mut latest: BTreeMap<String, (i64, &Vec<u8>)> = BTreeMap::new();
+    for (key, value) in &got {
+        let key: serde_json::Value = serde_json::from_slice(key).unwrap();
+        let (user, start) = (key["user_id"].as_str().unwrap().to_string(), key["window_start"].as_i64().unwrap());
+        if latest.get(&user).is_none_or(|(s, _)| start > *s) {
+            latest.insert(user, (start, value));
+        }
+    }
+    let mut checked = 0;
+    for (user, (start, value)) in latest.iter().take(100) {
+        let start = *start;
+        let hash = format!("lockstep:velocity:[\"{user}\"]");
+        let stored: Option<String> =
+            redis::cmd("HGET").arg(&hash).arg(format!("w:{start}")).query(&mut connection).unwrap();
+        if stored.is_none() {
+            continue; // trimmed: older than the windows the store keeps
+        }
+        let at = start + 3_600_000 + 30_000;
+        let (status, body) = get(&format!("/v1/features/velocity/{user}?at={at}"));
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let row: serde_json::Value = serde_json::from_slice(value).unwrap();
+        assert_eq!(answer["window_start"], start, "{body}");
+        assert_eq!(answer["window_end"], row["window_end"]);
+        for aggregate in ["tx_count", "total_amount", "max_amount", "sd", "last_merchant"] {
+            assert_eq!(answer["values"][aggregate], row[aggregate], "{aggregate} of {user} at {at}");
+        }
+        let (_, earlier) = get(&format!("/v1/features/velocity/{user}?at={}", at - 1));
+        let earlier: serde_json::Value = serde_json::from_str(&earlier).unwrap();
+        assert_eq!(earlier["window_start"], start - 300_000, "1 ms earlier: the window before");
+        checked += 1;
+    }
+    assert!(checked > 20, "only {checked} windows checked");
+    // A key never seen: the window's defaults. Many keys at once. Client errors.
+    let (status, body) = get("/v1/features/velocity/nobody?at=2026-01-05T12:00:00Z");
+    assert_eq!(status, 200);
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["values"]["tx_count"], 0);
+    assert!(answer["values"]["total_amount"].is_null());
+    let (status, body) =
+        http(port, "POST", "/v1/features/velocity", r#"{"keys": ["u000001", ["u000002"]], "at": 1767614400000}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap().as_array().unwrap().len(), 2);
+    assert_eq!(get("/v1/features/nope/u1").0, 404);
+    assert_eq!(get("/v1/features/velocity/[1,2]").0, 400);
+    assert_eq!(http(port, "POST", "/v1/features/velocity", "{not json").0, 400);
+    let metrics = get("/metrics").1;
+    assert!(metrics.contains("lockstep_serve_latency_seconds_bucket"), "{metrics}");
+    drop(server);
+    // Every answer was logged.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.lines().count(), 2 * checked + 1 + 2);
+}
+
+/// A child process killed when the test ends, passing or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; returns (status, body). Status 0: not listening.
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (status, body)
 }
 
 #[test]

@@ -15,5 +15,6 @@ pub mod produce;
 pub mod records;
 pub mod replay;
 pub mod rules;
+pub mod serve;
 
 pub use error::StreamError;

@@ -62,24 +62,14 @@ pub async fn training_set(
     let mut columns: Vec<ArrayRef> = labels.columns().to_vec();
     let mut found = Vec::new();
     for feature in features {
-        let (indices, rows) = match_windows(feature, &labels, &times, options).await?;
-        found.push((feature.feature.name.clone(), indices.len() - indices.null_count()));
-        let schema = feature.output_schema();
-        let first_value = feature.feature.key.len() + 2;
-        for (i, field) in schema.fields().iter().enumerate().skip(first_value) {
+        let (columns_of, with_window) = point_in_time(feature, &labels, &times, options).await?;
+        found.push((feature.feature.name.clone(), with_window));
+        for (field, values) in columns_of {
             let name = format!("{}__{}", feature.feature.name, field.name());
             if fields.iter().any(|f| f.name() == &name) {
                 return Err(BatchError::Config(format!("the labels already have a column `{name}`")));
             }
-            let values = take(rows.column(i).as_ref(), &indices, None)?;
-            let values: ArrayRef = if field.is_nullable() {
-                values
-            } else {
-                // Counts: 0 where the label found no window.
-                let counts = values.as_primitive::<arrow::datatypes::Int64Type>();
-                Arc::new(counts.iter().map(|v| Some(v.unwrap_or(0))).collect::<Int64Array>())
-            };
-            fields.push(Field::new(name, field.data_type().clone(), field.is_nullable()));
+            fields.push(field.with_name(name));
             columns.push(values);
         }
     }
@@ -99,6 +89,33 @@ pub async fn training_set(
     metadata.insert("lockstep.labels".into(), options.labels.clone().into());
     target.write(&ctx.state(), frame, &[], metadata).await?;
     Ok(TrainingSummary { labels: out.num_rows(), found, elapsed: started.elapsed(), output: target.url().to_string() })
+}
+
+/// The value of every aggregate of `feature` for each label (`keys` of `labels`, at `times`):
+/// one column per aggregate (counts 0 where a label has no window), and how many labels found a
+/// window.
+pub async fn point_in_time(
+    feature: &CompiledFeature,
+    labels: &RecordBatch,
+    times: &[Option<i64>],
+    options: &TrainingOptions,
+) -> Result<(Vec<(Field, ArrayRef)>, usize), BatchError> {
+    let (indices, rows) = match_windows(feature, labels, times, options).await?;
+    let schema = feature.output_schema();
+    let first_value = feature.feature.key.len() + 2;
+    let mut out = Vec::new();
+    for (i, field) in schema.fields().iter().enumerate().skip(first_value) {
+        let values = take(rows.column(i).as_ref(), &indices, None)?;
+        let values: ArrayRef = if field.is_nullable() {
+            values
+        } else {
+            // Counts: 0 where the label found no window.
+            let counts = values.as_primitive::<arrow::datatypes::Int64Type>();
+            Arc::new(counts.iter().map(|v| Some(v.unwrap_or(0))).collect::<Int64Array>())
+        };
+        out.push((field.as_ref().clone(), values));
+    }
+    Ok((out, indices.len() - indices.null_count()))
 }
 
 /// The labels, whole and in file order (one partition).

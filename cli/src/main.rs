@@ -194,6 +194,23 @@ enum Command {
         #[arg(long)]
         log: Option<String>,
     },
+    /// The training/serving skew check: recompute offline every answer `serve` logged and
+    /// report differences per feature set and aggregate. Exit 1 above --max-rate.
+    Skew {
+        file: PathBuf,
+        /// The answers `lockstep serve --log` wrote (JSON lines).
+        #[arg(long)]
+        served: String,
+        /// Highest tolerated share of skewed answers per feature set.
+        #[arg(long, default_value_t = 0.0)]
+        max_rate: f64,
+        /// Read this history instead of the sources' `history`.
+        #[arg(long)]
+        history: Option<String>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// The whole story on embedded defaults, in a local folder, without a broker: generate,
     /// batch, stream (replay), compare, late data lands, backfill, compare again.
     Demo {
@@ -331,6 +348,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             training_set(&file, &features, options, &out, format, cli.quiet).await
         }
         Command::Serve { file, listen, online, log } => serve(&file, listen, online, log.as_deref()).await,
+        Command::Skew { file, served, max_rate, history, json } => {
+            skew(&file, &served, max_rate, history, json.as_deref()).await
+        }
         Command::Demo { dir, events, users, days, seed } => {
             demo::run(&demo::DemoOptions { dir, events, users, days, seed }, cli.quiet).await
         }
@@ -495,6 +515,52 @@ async fn serve(
         .context("no online store: pass --online redis://HOST:PORT or give a feature set `output.online`")?;
     println!("serving {} feature set(s) from {online} on http://{listen}", features.len());
     lockstep_stream::serve::serve(features, &online, listen, log).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn skew(
+    file: &Path,
+    served: &str,
+    max_rate: f64,
+    history: Option<String>,
+    json: Option<&str>,
+) -> Result<ExitCode> {
+    let definitions = load(file)?;
+    let features = compile_all(&definitions)?;
+    let history = history.map(|h| lockstep_batch::source::locate(&h, None));
+    let report = lockstep_stream::skew::skew(&features, served, history, SessionLimits::default()).await?;
+    let mut over = false;
+    for feature in &report {
+        println!(
+            "{}: {} of {} served answers differ from the offline values ({:.4}%)",
+            feature.feature_set,
+            feature.skewed,
+            feature.answers,
+            100.0 * feature.rate
+        );
+        for (aggregate, count) in &feature.by_aggregate {
+            println!("  {aggregate:<20} {count} answers");
+        }
+        for example in &feature.examples {
+            println!(
+                "  e.g. key {} at {}: {} served {}, offline {}",
+                example.key,
+                lockstep_features::rows::format_time(example.request_time),
+                example.aggregate,
+                example.served,
+                example.offline
+            );
+        }
+        over |= feature.rate > max_rate;
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {path}"))?;
+    }
+    if over {
+        eprintln!("skew above --max-rate {max_rate}");
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -592,8 +592,10 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["values"]["tx_count"], 0);
     assert!(answer["values"]["total_amount"].is_null());
-    let (status, body) =
-        http(port, "POST", "/v1/features/velocity", r#"{"keys": ["u000001", ["u000002"]], "at": 1767614400000}"#);
+    // Many keys in one request (both key forms), at a time the store still holds.
+    let (user, (start, _)) = latest.iter().next().unwrap();
+    let body = format!(r#"{{"keys": ["{user}", ["{user}"]], "at": {}}}"#, start + 3_630_000);
+    let (status, body) = http(port, "POST", "/v1/features/velocity", &body);
     assert_eq!(status, 200, "{body}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap().as_array().unwrap().len(), 2);
     assert_eq!(get("/v1/features/nope/u1").0, 404);
@@ -605,6 +607,35 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     // Every answer was logged.
     let logged = std::fs::read_to_string(&log).unwrap();
     assert_eq!(logged.lines().count(), 2 * checked + 1 + 2);
+
+    // The skew check recomputes every logged answer offline: no skew (no event was too late).
+    let history = fixture.history.url().to_string();
+    let skew = |definitions: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["skew", definitions.to_str().unwrap(), "--served", log.to_str().unwrap(), "--history", &history])
+            .output()
+            .unwrap()
+    };
+    let clean = skew(&fixture.definitions);
+    let out = String::from_utf8_lossy(&clean.stdout).to_string() + &String::from_utf8_lossy(&clean.stderr);
+    assert!(clean.status.success(), "{out}");
+    assert!(out.contains(&format!("velocity: 0 of {} served answers differ", 2 * checked + 3)), "{out}");
+    // Offline with a different serving delay than the one served: skew, exit 1.
+    let text = std::fs::read_to_string(&fixture.definitions).unwrap();
+    let wrong = fixture._dir.path().join("wrong-delay.yaml");
+    std::fs::write(
+        &wrong,
+        text.replacen(
+            "  velocity:\n    source: transactions\n",
+            "  velocity:\n    source: transactions\n    serving_delay: 5m\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let skewed = skew(&wrong);
+    let out = String::from_utf8_lossy(&skewed.stdout).to_string();
+    assert_eq!(skewed.status.code(), Some(1), "{out}");
+    assert!(!out.contains("velocity: 0 of"), "{out}");
 }
 
 /// A child process killed when the test ends, passing or not.

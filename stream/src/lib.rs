@@ -16,5 +16,6 @@ pub mod records;
 pub mod replay;
 pub mod rules;
 pub mod serve;
+pub mod skew;
 
 pub use error::StreamError;

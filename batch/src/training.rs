@@ -21,6 +21,7 @@ use arrow::compute::{cast, concat_batches, take};
 use arrow::datatypes::{DataType, Field, Schema, TimestampMillisecondType};
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::prelude::{CsvReadOptions, SessionContext};
+use lockstep_features::window::{serving_cutoff, session_served};
 use lockstep_features::{CompiledFeature, Location, Window};
 
 use crate::exec::WantedWindows;
@@ -220,7 +221,7 @@ async fn match_windows(
     options: &TrainingOptions,
 ) -> Result<(UInt32Array, RecordBatch), BatchError> {
     let (converter, keys) = label_keys(feature, labels, &options.labels)?;
-    let delay = feature.feature.serving_delay.millis();
+    let delay = feature.feature.serving_delay;
     let job = BatchJob::new(feature.clone(), options.history.clone())?.with_limits(options.limits.clone());
     let schema = feature.output_schema();
     let nkeys = feature.feature.key.len();
@@ -242,9 +243,9 @@ async fn match_windows(
             }
             let indices: UInt32Array = (0..labels.num_rows())
                 .map(|l| {
-                    let cutoff = times[l]?.checked_sub(delay)?;
+                    let cutoff = serving_cutoff(times[l]?, delay)?;
                     let sessions = by_key.get(keys.row(l).data())?;
-                    let before = sessions.partition_point(|(end, _)| *end <= cutoff);
+                    let before = sessions.partition_point(|(end, _)| session_served(*end, cutoff));
                     before.checked_sub(1).map(|i| sessions[i].1)
                 })
                 .collect();
@@ -252,12 +253,7 @@ async fn match_windows(
         }
         window => {
             let panes = window.panes().expect("sliding windows have panes");
-            // The window ending at E = the pane boundary at or before t − delay.
-            let start_of = |t: i64| -> Option<i64> {
-                let cutoff = t.checked_sub(delay)?;
-                let end_pane = panes.pane_of(cutoff);
-                Some(panes.start_of(end_pane - panes.per_window))
-            };
+            let start_of = |t: i64| -> Option<i64> { Some(panes.served_window(serving_cutoff(t, delay)?).0) };
             let mut wanted = WantedWindows::default();
             let (mut low, mut high) = (i64::MAX, i64::MIN);
             for (l, time) in times.iter().enumerate() {

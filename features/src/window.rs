@@ -104,11 +104,30 @@ impl Panes {
         pane.saturating_sub(self.per_window - 1)..=pane
     }
 
+    /// The window a read at `cutoff` (request time − serving delay) is served (SPEC §6): the one
+    /// ending at the pane boundary at or before `cutoff`, as (start, end).
+    pub fn served_window(&self, cutoff: i64) -> (i64, i64) {
+        let end_pane = self.pane_of(cutoff);
+        (self.start_of(end_pane - self.per_window), self.start_of(end_pane))
+    }
+
     /// The starts of every window holding an event at `time`, earliest first: the starts in
     /// `(time − size, time]` aligned to `every` (+ offset).
     pub fn window_starts_of(&self, time: i64) -> impl Iterator<Item = i64> + '_ {
         self.windows_of_pane(self.pane_of(time)).map(|pane| self.start_of(pane))
     }
+}
+
+/// The latest event time a read at `request_time` may see, exclusive: `request_time −
+/// serving_delay` (SPEC §6); `None` when that underflows.
+pub fn serving_cutoff(request_time: i64, serving_delay: Duration) -> Option<i64> {
+    request_time.checked_sub(serving_delay.millis())
+}
+
+/// Whether a session ending at `end` may be served at `cutoff` (it had ended by then); the
+/// latest such session is served (SPEC §6).
+pub fn session_served(end: i64, cutoff: i64) -> bool {
+    end <= cutoff
 }
 
 /// Which session an event opens or extends, for events of one key taken in time order.
@@ -133,6 +152,25 @@ pub fn to_millis(value: i64, unit: arrow::datatypes::TimeUnit) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_read_is_served_the_window_ending_at_or_before_its_cutoff() {
+        // 1h every 15m offset 5m: boundaries at :05, :20, :35, :50.
+        let panes = super::Window::sliding(
+            crate::Duration::from_millis(3_600_000),
+            crate::Duration::from_millis(900_000),
+            crate::Duration::from_millis(300_000),
+        )
+        .panes()
+        .unwrap();
+        let at = |m: i64| m * 60_000;
+        assert_eq!(panes.served_window(at(20)), (at(20 - 60), at(20)), "a cutoff on a boundary ends there");
+        assert_eq!(panes.served_window(at(20) - 1), (at(5 - 60), at(5)), "1 ms before: the window before");
+        assert_eq!(panes.served_window(at(34)), (at(20 - 60), at(20)));
+        assert_eq!(super::serving_cutoff(at(20) + 30_000, crate::Duration::from_millis(30_000)), Some(at(20)));
+        assert_eq!(super::serving_cutoff(i64::MIN, crate::Duration::from_millis(1)), None);
+        assert!(super::session_served(at(20), at(20)) && !super::session_served(at(20) + 1, at(20)));
+    }
+
     use super::*;
 
     fn d(text: &str) -> Duration {

@@ -21,7 +21,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use lockstep_features::{CompiledFeature, Function, ValueType, Window};
+use lockstep_features::window::{serving_cutoff, session_served};
+use lockstep_features::{CompiledFeature, Function, ValueType};
 use serde_json::{Map, Value as Json, json};
 
 use crate::error::StreamError;
@@ -306,22 +307,19 @@ impl Server {
     /// The answers for `keys` at time `at` (blocking: Redis calls).
     fn answer(&self, name: &str, keys: &[Vec<Json>], at: i64) -> Result<Vec<Json>, Problem> {
         let feature = self.feature(name)?;
+        let cutoff = serving_cutoff(at, feature.feature.serving_delay)
+            .ok_or_else(|| Problem(StatusCode::BAD_REQUEST, format!("`at` {at} is before any servable time")))?;
         let mut connection = match self.pool.lock().expect("not poisoned").pop() {
             Some(c) => c,
             None => {
                 self.client.get_connection().map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
             }
         };
-        let delay = feature.feature.serving_delay.millis();
         let result = (|| {
             let mut answers = Vec::with_capacity(keys.len());
             let mut pipeline = redis::pipe();
-            let window = feature.window();
-            // Sliding: the one window ending at the pane boundary at or before at − delay.
-            let wanted = window.panes().map(|panes| {
-                let end_pane = panes.pane_of(at.saturating_sub(delay));
-                (panes.start_of(end_pane - panes.per_window), panes.start_of(end_pane))
-            });
+            // Sliding: the one window SPEC §6 picks; sessions: chosen among the key's sessions.
+            let wanted = feature.window().panes().map(|panes| panes.served_window(cutoff));
             for key in keys {
                 let hash = hash_name(name, key);
                 match wanted {
@@ -332,14 +330,14 @@ impl Server {
             let replies: Vec<redis::Value> =
                 pipeline.query(&mut connection).map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
             for (key, reply) in keys.iter().zip(replies) {
-                let (bounds, row) = match (window, wanted) {
-                    (Window::Sliding { .. }, Some((start, end))) => {
+                let (bounds, row) = match wanted {
+                    Some((start, end)) => {
                         let row: Option<String> = redis::from_redis_value(reply).unwrap_or(None);
                         ((Some(start), Some(end)), row.and_then(|r| serde_json::from_str::<Json>(&r).ok()))
                     }
-                    _ => {
+                    None => {
                         let fields: HashMap<String, String> = redis::from_redis_value(reply).unwrap_or_default();
-                        latest_session(&fields, at.saturating_sub(delay))
+                        latest_session(&fields, cutoff)
                     }
                 };
                 answers.push(self.render(feature, key, at, bounds, row.as_ref()));
@@ -401,7 +399,7 @@ fn latest_session(fields: &HashMap<String, String>, cutoff: i64) -> ((Option<i64
         }
         let Ok(row) = serde_json::from_str::<Json>(value) else { continue };
         let Some(end) = row.get("window_end").and_then(Json::as_i64) else { continue };
-        if end <= cutoff && best.as_ref().is_none_or(|(e, _)| end > *e) {
+        if session_served(end, cutoff) && best.as_ref().is_none_or(|(e, _)| end > *e) {
             best = Some((end, row));
         }
     }

@@ -153,6 +153,11 @@ pub struct Report {
     pub only_left: Missing,
     pub only_right: Missing,
     pub columns: Vec<ColumnDiff>,
+    /// Join matches beyond one per row of the right side: the left holds some (key,
+    /// `window_start`) more than once. Never explained.
+    pub repeated_left: u64,
+    /// The same for rows of the left side: the right repeats a (key, `window_start`).
+    pub repeated_right: u64,
     /// Rows of the too-late table read (`--late`): one per event and window it missed.
     pub late_events: Option<u64>,
     /// Differing rows (changed or on one side only) explained by a too-late event, and not.
@@ -207,6 +212,14 @@ impl Report {
             label(self.only_right.explained, self.only_right.rows)
         );
         let _ = writeln!(out, "changed:    {}{}", self.changed_rows, label(self.changed_explained, self.changed_rows));
+        for (side, repeated) in [("left", self.repeated_left), ("right", self.repeated_right)] {
+            if repeated > 0 {
+                let _ = writeln!(
+                    out,
+                    "repeated:   the {side} holds some (key, window_start) more than once ({repeated} extra matches)"
+                );
+            }
+        }
         for column in self.columns.iter().filter(|c| c.rows > 0) {
             let _ = write!(out, "  {:<20} {:>9} rows differ", column.column, column.rows);
             if let Some(abs) = column.max_abs {
@@ -332,6 +345,9 @@ pub async fn compare(left: &Input, right: &Input, options: &CompareOptions) -> R
             )
         })
         .collect();
+    // Rows per side, counted apart from the join: a side holding a (key, window_start) twice
+    // makes the join match rows of the other side more than once, which the counts reveal.
+    let (rows_left, rows_right) = (lf.clone().count().await? as u64, rf.clone().count().await? as u64);
     let joined = lf.join_on(rf, JoinType::Full, on)?;
 
     let mut acc = Accumulator::new(&columns, keys.len(), options, late);
@@ -340,6 +356,11 @@ pub async fn compare(left: &Input, right: &Input, options: &CompareOptions) -> R
         acc.add(&batch)?;
     }
     let mut report = acc.finish();
+    report.repeated_left = (report.matched + report.only_right.rows).saturating_sub(rows_right);
+    report.repeated_right = (report.matched + report.only_left.rows).saturating_sub(rows_left);
+    report.unexplained += report.repeated_left + report.repeated_right;
+    report.rows_left = rows_left;
+    report.rows_right = rows_right;
     report.left = left.describe();
     report.right = right.describe();
     report.keys = keys;

@@ -321,6 +321,8 @@ impl Worker {
     /// Whether the group has read every input partition to its end: partitions this worker owns
     /// by its position, the others by the group's committed offset. A bounded run ends only
     /// then, so a worker that lost a partner waits for the partner's partitions to move to it.
+    /// An owned partition with no position yet (assigned, nothing fetched since: the partner
+    /// had read and committed all of it) is judged by its committed offset too.
     fn input_consumed(&self) -> Result<bool, StreamError> {
         let timeout = Duration::from_secs(10);
         let position = self.consumer.position().map_err(kafka)?;
@@ -329,9 +331,10 @@ impl Worker {
         for p in 0..self.input_partitions {
             let (_, high) = self.consumer.fetch_watermarks(&self.topics.input, p, timeout).map_err(kafka)?;
             ends.insert(p, high);
-            if self.partitions.contains_key(&p) {
-                let at = position.find_partition(&self.topics.input, p).and_then(|e| e.offset().to_raw());
-                if high > 0 && at.is_none_or(|at| at < high) {
+            let at =
+                position.find_partition(&self.topics.input, p).and_then(|e| e.offset().to_raw()).filter(|at| *at >= 0);
+            if let (true, Some(at)) = (self.partitions.contains_key(&p), at) {
+                if high > 0 && at < high {
                     return Ok(false);
                 }
             } else {
@@ -828,9 +831,18 @@ fn ensure_topics(options: &KafkaOptions, topics: &Topics) -> Result<i32, StreamE
             Err((topic, code)) => return Err(StreamError::Kafka(format!("cannot create topic `{topic}`: {code}"))),
         }
     }
-    // The changelog must match the input partition for partition.
-    let changelog = admin.inner().fetch_metadata(Some(&topics.changelog), Duration::from_secs(30)).map_err(kafka)?;
-    let changelog_partitions = changelog.topics().first().map_or(0, |t| t.partitions().len());
+    // The changelog must match the input partition for partition. A topic just created can take
+    // a moment to appear in the metadata: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let changelog_partitions = loop {
+        let changelog =
+            admin.inner().fetch_metadata(Some(&topics.changelog), Duration::from_secs(30)).map_err(kafka)?;
+        let found = changelog.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
+        if found > 0 || Instant::now() >= deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     if changelog_partitions != partitions {
         return Err(StreamError::Kafka(format!(
             "changelog `{}` has {changelog_partitions} partitions but `{}` has {partitions}; they must match",

@@ -216,6 +216,11 @@ pub async fn backfill(feature: &CompiledFeature, options: BackfillOptions) -> Re
                 tracing::warn!(attempt = attempts, "the output table changed during the backfill ({last}); retrying");
             }
             Err(Failure::Conflict(last)) => return Err(BackfillError::Conflicts { attempts, last }),
+            Err(Failure::Other(error))
+                if attempts < options.max_attempts && lockstep_batch::cluster::inconsistent(&error) =>
+            {
+                tracing::warn!(attempt = attempts, %error, "nothing was committed; running the backfill again");
+            }
             Err(Failure::Other(error)) => return Err(error),
         }
     }
@@ -605,7 +610,7 @@ async fn write(
     let written = output_table
         .clone()
         .write(Vec::new())
-        .with_input_plan(lockstep_batch::output::ordered_source(frame).await?)
+        .with_input_plan(lockstep_batch::output::ordered_source(frame, None).await?)
         .with_session_state(Arc::new(ctx.state()))
         .with_save_mode(SaveMode::Overwrite)
         .with_replace_where(predicate)

@@ -141,6 +141,13 @@ impl FeatureWindowExec {
     }
 }
 
+impl FeatureWindowExec {
+    /// The window stage it runs.
+    pub fn stage(&self) -> &WindowStage {
+        &self.stage
+    }
+}
+
 impl DisplayAs for FeatureWindowExec {
     fn fmt_as(&self, _format: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "FeatureWindowExec: {}", self.stage.describe())

@@ -5,6 +5,7 @@
 //! writes SPEC §2 rows to Parquet or Delta. The window stage runs the shared pane and aggregate
 //! kernels, the same code the streaming job runs.
 
+pub mod cluster;
 pub mod error;
 pub mod exec;
 pub mod output;
@@ -147,9 +148,15 @@ impl BatchJob {
     /// `window_start` then key (Delta output: files then cover narrow time ranges, which keeps a
     /// backfill's `replaceWhere` rewrite small).
     async fn frame_ordered(&self, by_time: bool) -> Result<(SessionContext, DataFrame), BatchError> {
-        let state = plan::session_state(&self.limits)?;
-        let ctx = SessionContext::new_with_state(state);
-        let history = source::read_history_at(&ctx, &self.feature.source, &self.history, self.history_version).await?;
+        let ctx = plan::context(&self.limits).await?;
+        let history = match (&self.limits.cluster, &self.history) {
+            (Some(_), Location::Delta(path)) => {
+                let opened = source::read_delta_files(&ctx, path, self.history_version).await?;
+                source::check_schema(&self.feature.source, path, &opened.frame)?;
+                opened
+            }
+            _ => source::read_history_at(&ctx, &self.feature.source, &self.history, self.history_version).await?,
+        };
         *self.read_version.lock().expect("not poisoned") = history.version;
         let history = history.frame;
         let mut builder = LogicalPlanBuilder::from(history.logical_plan().clone());
@@ -195,14 +202,25 @@ impl BatchJob {
     }
 
     /// The job's plan as a DataFrame (rows by `window_start` then key when `by_time`), with the
-    /// Delta version of the history it reads.
+    /// Delta version of the history it reads. The context is this process's: on a cluster the
+    /// frame is the stream of rows the cluster returns, and writing it happens here.
     pub async fn dataframe(
         &self,
         by_time: bool,
     ) -> Result<(SessionContext, DataFrame, Option<deltalake::kernel::Version>), BatchError> {
         let (ctx, frame) = self.frame_ordered(by_time).await?;
         let version = *self.read_version.lock().expect("not poisoned");
-        Ok((ctx, frame, version))
+        if self.limits.cluster.is_none() {
+            return Ok((ctx, frame, version));
+        }
+        let local = SessionContext::new_with_state(plan::session_state(&self.limits)?);
+        let keys = self.feature.feature.key.len();
+        let order: Vec<usize> =
+            if by_time { std::iter::once(keys).chain(0..keys).collect() } else { (0..=keys).collect() };
+        let check = output::ClusterRows::new(frame.schema().as_arrow(), order, self.counters.clone())?;
+        let rows = output::ordered_source(frame, Some(check)).await?;
+        let frame = DataFrame::new(local.state(), rows);
+        Ok((local, frame, version))
     }
 
     /// The job's logical and physical plans, as text.
@@ -220,6 +238,20 @@ impl BatchJob {
     /// Runs the job, writing every window row to `target`.
     pub async fn run(&self, target: &OutputTarget) -> Result<BatchSummary, BatchError> {
         let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            match self.run_once(target, started).await {
+                Err(error) if self.on_cluster() && attempt < cluster::ATTEMPTS && cluster::inconsistent(&error) => {
+                    tracing::warn!(attempt, %error, "nothing was written; running the job again");
+                    self.counters.windows.store(0, Ordering::Relaxed);
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn run_once(&self, target: &OutputTarget, started: Instant) -> Result<BatchSummary, BatchError> {
         let (ctx, frame, version) = self.dataframe(matches!(target, OutputTarget::Delta(_))).await?;
         let mut metadata = serde_json::Map::new();
         metadata.insert("lockstep.feature".into(), self.feature.feature.name.clone().into());
@@ -239,7 +271,27 @@ impl BatchJob {
 
     /// Runs the job and returns the rows in memory (tests and small outputs).
     pub async fn collect(&self) -> Result<Vec<arrow::array::RecordBatch>, BatchError> {
-        let (_ctx, frame) = self.frame().await?;
-        Ok(frame.collect().await?)
+        if !self.on_cluster() {
+            let (_ctx, frame) = self.frame().await?;
+            return Ok(frame.collect().await?);
+        }
+        let mut attempt = 1;
+        loop {
+            let (_ctx, frame, _) = self.dataframe(false).await?;
+            match frame.collect().await {
+                Err(error) if attempt < cluster::ATTEMPTS && cluster::inconsistent(&error) => {
+                    tracing::warn!(attempt, %error, "running the job again");
+                    self.counters.windows.store(0, Ordering::Relaxed);
+                    attempt += 1;
+                }
+                result => return Ok(result?),
+            }
+        }
+    }
+
+    /// Whether the job runs on a cluster (its events are then counted on the executors, and the
+    /// summary has only the rows written).
+    pub fn on_cluster(&self) -> bool {
+        self.limits.cluster.is_some()
     }
 }

@@ -183,15 +183,76 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[S
 /// itself, the writer's physical optimizer drops a sort nothing above it requires, and the files
 /// would each span the whole time range; given one ordered stream, each file holds a narrow
 /// span of `window_start`.
-pub async fn ordered_source(frame: DataFrame) -> Result<datafusion::logical_expr::LogicalPlan, BatchError> {
+///
+/// With `cluster`, the rows come from a cluster: they are counted as windows (its window stage
+/// counted on the executors) and checked to arrive in strictly increasing order of the sort
+/// columns, which also means no (key, window) twice; see [`ClusterRows`].
+pub async fn ordered_source(
+    frame: DataFrame,
+    cluster: Option<ClusterRows>,
+) -> Result<datafusion::logical_expr::LogicalPlan, BatchError> {
     use datafusion::catalog::streaming::StreamingTable;
     use datafusion::datasource::provider_as_source;
     use datafusion::logical_expr::LogicalPlanBuilder;
     let schema = Arc::new(frame.schema().as_arrow().clone());
-    let stream = frame.execute_stream().await?;
+    let mut stream = frame.execute_stream().await?;
+    if let Some(mut cluster) = cluster {
+        use futures::StreamExt;
+        let checked = stream.map(move |batch| cluster.check(batch?));
+        stream = Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema.clone(), checked));
+    }
     let partition = OneStream { schema: schema.clone(), stream: std::sync::Mutex::new(Some(stream)) };
     let table = StreamingTable::try_new(schema, vec![Arc::new(partition)])?;
     Ok(LogicalPlanBuilder::scan("lockstep_rows", provider_as_source(Arc::new(table)), None)?.build()?)
+}
+
+/// The check on rows a cluster returns. A job's rows are unique per (key, window) and sorted, so
+/// each row must sort strictly after the one before. Ballista can break this when it recomputes
+/// a stage after losing an executor (a rolled-back stage's finished tasks are read twice); the
+/// check turns that into an error naming [`crate::cluster::INCONSISTENT`] before anything is
+/// committed, and the job runs again.
+pub struct ClusterRows {
+    counters: Arc<crate::StageCounters>,
+    columns: Vec<usize>,
+    converter: arrow::row::RowConverter,
+    last: Option<arrow::row::OwnedRow>,
+}
+
+impl ClusterRows {
+    /// Rows of `schema` sorted by `columns` (ascending, nulls first), counted into `counters`.
+    pub fn new(
+        schema: &arrow::datatypes::Schema,
+        columns: Vec<usize>,
+        counters: Arc<crate::StageCounters>,
+    ) -> Result<Self, BatchError> {
+        let fields = columns.iter().map(|&c| arrow::row::SortField::new(schema.field(c).data_type().clone())).collect();
+        Ok(ClusterRows { counters, columns, converter: arrow::row::RowConverter::new(fields)?, last: None })
+    }
+
+    fn check(&mut self, batch: arrow::array::RecordBatch) -> datafusion::error::Result<arrow::array::RecordBatch> {
+        let columns: Vec<_> = self.columns.iter().map(|&c| batch.column(c).clone()).collect();
+        let rows = self.converter.convert_columns(&columns)?;
+        for i in 0..rows.num_rows() {
+            let previous = if i == 0 { self.last.as_ref().map(|r| r.row()) } else { Some(rows.row(i - 1)) };
+            if previous.is_some_and(|p| p >= rows.row(i)) {
+                let values: Vec<String> = columns
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, i).unwrap_or_default())
+                    .collect();
+                return Err(datafusion::error::DataFusionError::Execution(format!(
+                    "{}: ({}) arrived twice or out of order, after {} rows",
+                    crate::cluster::INCONSISTENT,
+                    values.join(", "),
+                    self.counters.windows.load(std::sync::atomic::Ordering::Relaxed) + i as u64
+                )));
+            }
+        }
+        if rows.num_rows() > 0 {
+            self.last = Some(rows.row(rows.num_rows() - 1).owned());
+        }
+        self.counters.windows.fetch_add(batch.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(batch)
+    }
 }
 
 /// A partition that hands out one already-running stream, once.
@@ -241,7 +302,7 @@ async fn write_delta(
         std::fs::create_dir_all(table_url.path()).map_err(|e| failed(e.to_string()))?;
     }
     let table = deltalake::DeltaTable::try_from_url(table_url).await.map_err(|e| failed(e.to_string()))?;
-    let plan = ordered_source(frame).await?;
+    let plan = ordered_source(frame, None).await?;
     table
         .write(Vec::new())
         .with_input_plan(plan)
@@ -253,4 +314,47 @@ async fn write_delta(
         .await
         .map_err(|e| failed(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(keys: &[Option<&str>], starts: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new("window_start", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(StringArray::from(keys.to_vec())), Arc::new(Int64Array::from(starts.to_vec()))],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cluster_rows_must_strictly_increase_across_batches() {
+        let first = batch(&[None, Some("a"), Some("a")], &[5, 1, 2]);
+        let schema = first.schema();
+        let counters = Arc::new(crate::StageCounters::default());
+        let mut check = ClusterRows::new(&schema, vec![0, 1], counters.clone()).unwrap();
+        check.check(first).unwrap();
+        check.check(batch(&[Some("a"), Some("b")], &[3, 0])).unwrap();
+        assert_eq!(counters.windows.load(std::sync::atomic::Ordering::Relaxed), 5);
+        // The last row again, at the start of the next batch: a repeated (key, window).
+        let error = check.check(batch(&[Some("b"), Some("c")], &[0, 0])).unwrap_err().to_string();
+        assert!(error.contains(crate::cluster::INCONSISTENT) && error.contains("(b, 0)"), "{error}");
+        assert!(crate::cluster::inconsistent(&error));
+
+        // Out of order within a batch.
+        let mut check = ClusterRows::new(&schema, vec![0, 1], counters).unwrap();
+        let error = check.check(batch(&[Some("a"), Some("a")], &[2, 1])).unwrap_err().to_string();
+        assert!(error.contains("(a, 1) arrived twice or out of order"), "{error}");
+        // By time first: (window_start, key).
+        let counters = Arc::new(crate::StageCounters::default());
+        let mut by_time = ClusterRows::new(&schema, vec![1, 0], counters).unwrap();
+        by_time.check(batch(&[Some("b"), Some("a"), Some("a")], &[1, 2, 3])).unwrap();
+    }
 }

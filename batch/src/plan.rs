@@ -130,6 +130,11 @@ impl ExtensionPlanner for FeatureWindowPlanner {
 #[derive(Debug)]
 struct LockstepQueryPlanner;
 
+/// The query planner of every lockstep session (and of a cluster's scheduler).
+pub fn query_planner() -> Arc<dyn QueryPlanner + Send + Sync> {
+    Arc::new(LockstepQueryPlanner)
+}
+
 #[async_trait]
 impl QueryPlanner for LockstepQueryPlanner {
     async fn create_physical_plan(
@@ -152,21 +157,30 @@ impl QueryPlanner for LockstepQueryPlanner {
 pub struct SessionLimits {
     /// Memory for sorts and aggregation before spilling to disk, in bytes.
     pub memory_limit: usize,
-    /// Partitions (threads) to spread keys over.
+    /// Partitions (threads) to spread keys over; on a cluster, the tasks each stage is cut into.
     pub partitions: usize,
+    /// A Ballista scheduler (`df://host:port`) to run plans on; `None` runs them in this process.
+    pub cluster: Option<String>,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        SessionLimits { memory_limit: 1 << 30, partitions: std::thread::available_parallelism().map_or(2, |n| n.get()) }
+        SessionLimits {
+            memory_limit: 1 << 30,
+            partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cluster: None,
+        }
     }
 }
 
-/// A DataFusion session with lockstep's planner, a spilling memory pool and Delta support.
-pub fn session_state(limits: &SessionLimits) -> Result<SessionState> {
-    let runtime =
-        RuntimeEnvBuilder::new().with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_limit))).build_arc()?;
-    let config = SessionConfig::new()
+/// A runtime whose sorts spill to disk past the memory limit.
+pub fn runtime(limits: &SessionLimits) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>> {
+    RuntimeEnvBuilder::new().with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_limit))).build_arc()
+}
+
+/// The settings of every lockstep session.
+pub fn session_config(limits: &SessionLimits) -> SessionConfig {
+    SessionConfig::new()
         .with_target_partitions(limits.partitions)
         .with_batch_size(8192)
         .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
@@ -175,10 +189,25 @@ pub fn session_state(limits: &SessionLimits) -> Result<SessionState> {
         // number and NaN would read as that number everywhere. Row-group pruning by a filter
         // (a backfill's time ranges) reads the Parquet footers itself and still works, as does
         // Delta's file skipping.
-        .set_bool("datafusion.execution.collect_statistics", false);
+        .set_bool("datafusion.execution.collect_statistics", false)
+}
+
+/// A context running plans on `limits.cluster`, or in this process when there is none.
+pub async fn context(
+    limits: &SessionLimits,
+) -> std::result::Result<datafusion::prelude::SessionContext, crate::BatchError> {
+    match &limits.cluster {
+        Some(url) => crate::cluster::remote_context(url, limits).await,
+        None => Ok(datafusion::prelude::SessionContext::new_with_state(session_state(limits)?)),
+    }
+}
+
+/// A DataFusion session with lockstep's planner, a spilling memory pool and Delta support,
+/// running plans in this process.
+pub fn session_state(limits: &SessionLimits) -> Result<SessionState> {
     Ok(SessionStateBuilder::new()
-        .with_config(config)
-        .with_runtime_env(runtime)
+        .with_config(session_config(limits))
+        .with_runtime_env(runtime(limits)?)
         .with_default_features()
         .with_query_planner(Arc::new(LockstepQueryPlanner))
         .build())

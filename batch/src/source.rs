@@ -176,7 +176,7 @@ async fn read_delta(
 }
 
 /// Every declared column must exist in the history with a compatible type.
-fn check_schema(source: &Source, location: &str, frame: &DataFrame) -> Result<(), BatchError> {
+pub fn check_schema(source: &Source, location: &str, frame: &DataFrame) -> Result<(), BatchError> {
     let schema = frame.schema();
     for (column, declared) in &source.schema {
         let Some(field) = schema.fields().iter().find(|f| f.name() == column) else {
@@ -202,4 +202,47 @@ fn check_schema(source: &Source, location: &str, frame: &DataFrame) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Opens a Delta history (at `version`, default the latest) as the plain Parquet files of that
+/// version, for a cluster: Delta's own scan cannot be sent to executors, a list of Parquet files
+/// can. The files are pinned when the plan is built, so the cluster reads exactly that version.
+/// Tables whose files alone do not hold the rows — partition columns (values in paths), column
+/// mapping (renamed physical columns) or deletion vectors — are refused with an explanation.
+pub async fn read_delta_files(
+    ctx: &SessionContext,
+    path: &str,
+    version: Option<deltalake::kernel::Version>,
+) -> Result<OpenedTable, BatchError> {
+    let input = |message: String| BatchError::Input { location: path.into(), message };
+    let table = open_delta(path, version).await?;
+    let state = table.snapshot().map_err(|e| input(format!("cannot read the Delta table: {e}")))?;
+    let on_cluster = "cannot be read on a cluster yet; run without --cluster";
+    let metadata = state.metadata();
+    if !metadata.partition_columns().is_empty() {
+        return Err(input(format!(
+            "the Delta table is partitioned by {} (values held in paths, not files) and {on_cluster}",
+            metadata.partition_columns().join(", ")
+        )));
+    }
+    if metadata.configuration().get("delta.columnMapping.mode").is_some_and(|mode| mode != "none") {
+        return Err(input(format!("the Delta table uses column mapping and {on_cluster}")));
+    }
+    let mut urls = Vec::new();
+    for file in state.log_data().iter() {
+        if file.deletion_vector_descriptor().is_some() {
+            return Err(input(format!("the Delta table has deletion vectors ({}) and {on_cluster}", file.path())));
+        }
+        let uri = table.log_store().to_uri(&file.object_store_path());
+        urls.push(ListingTableUrl::parse(&uri).map_err(|e| input(format!("{uri}: {e}")))?);
+    }
+    if urls.is_empty() {
+        return Err(input(format!("the Delta table has no data files at version {}", state.version())));
+    }
+    let schema = state.snapshot().arrow_schema();
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+    let table_provider = ListingTable::try_new(config).map_err(|e| input(e.to_string()))?;
+    let frame = ctx.read_table(Arc::new(table_provider)).map_err(|e| input(e.to_string()))?;
+    Ok(OpenedTable { frame, version: Some(state.version()) })
 }

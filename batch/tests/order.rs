@@ -84,9 +84,11 @@ fn gcd(a: u64, b: u64) -> u64 {
 async fn run(feature: &str, history: Location, partitions: usize) -> Vec<Row> {
     let definitions = Definitions::parse("order.yaml", DEFINITIONS, std::path::Path::new(".")).unwrap();
     let compiled = compile_feature(&definitions, definitions.feature(feature).unwrap()).unwrap();
-    let job = BatchJob::new(compiled, Some(history))
-        .unwrap()
-        .with_limits(SessionLimits { memory_limit: 256 << 20, partitions });
+    let job = BatchJob::new(compiled, Some(history)).unwrap().with_limits(SessionLimits {
+        memory_limit: 256 << 20,
+        partitions,
+        cluster: None,
+    });
     rows_of(&job.collect().await.unwrap())
 }
 

@@ -1,5 +1,6 @@
 //! The `lockstep` command line: parses arguments, calls the library crates, reports.
 
+mod cluster;
 mod demo;
 mod progress;
 mod repair;
@@ -83,9 +84,13 @@ enum Command {
         /// Memory for sorting before spilling to disk, e.g. 512MiB or 2GiB.
         #[arg(long, default_value = "1GiB")]
         memory_limit: String,
-        /// Threads to spread keys over (default: the number of cores).
+        /// Threads to spread keys over (default: the number of cores; on a cluster, 2 per
+        /// executor core is a good start).
         #[arg(long)]
         partitions: Option<usize>,
+        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
+        #[arg(long, value_name = "df://HOST:PORT")]
+        cluster: Option<String>,
     },
     /// Send a JSON-lines file to a Kafka topic, one message per line, keyed by a field.
     Produce {
@@ -155,6 +160,12 @@ enum Command {
         dry_run: bool,
         #[arg(long, default_value = "1GiB")]
         memory_limit: String,
+        /// Tasks each stage of the recompute is cut into (default: the number of cores).
+        #[arg(long)]
+        partitions: Option<usize>,
+        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
+        #[arg(long, value_name = "df://HOST:PORT")]
+        cluster: Option<String>,
     },
     /// Build a point-in-time training set: the labels' columns plus, per feature set, the
     /// values the online store would have served at each label's time.
@@ -180,6 +191,12 @@ enum Command {
         history: Option<String>,
         #[arg(long, default_value = "1GiB")]
         memory_limit: String,
+        /// Tasks each stage of the window computation is cut into (default: the number of cores).
+        #[arg(long)]
+        partitions: Option<usize>,
+        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
+        #[arg(long, value_name = "df://HOST:PORT")]
+        cluster: Option<String>,
     },
     /// Serve feature reads over HTTP from the online store the streaming job fills.
     Serve {
@@ -211,6 +228,11 @@ enum Command {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Run a Ballista scheduler that knows lockstep's plans; `--cluster df://HOST:PORT` sends
+    /// batch, backfill and training-set jobs to it.
+    Scheduler(cluster::SchedulerArgs),
+    /// Run a Ballista executor with lockstep's window stage, registered with a scheduler.
+    Executor(cluster::ExecutorArgs),
     /// The whole story on embedded defaults, in a local folder, without a broker: generate,
     /// batch, stream (replay), compare, late data lands, backfill, compare again.
     Demo {
@@ -320,11 +342,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate { events, users, days, seed, late_rate, out, format } => {
             generate(events, users, days, seed, late_rate, &out, format, cli.quiet).await
         }
-        Command::Batch { file, feature, history, history_format, out, format, memory_limit, partitions } => {
-            let limits = SessionLimits {
-                memory_limit: parse_bytes(&memory_limit)?,
-                partitions: partitions.unwrap_or_else(|| SessionLimits::default().partitions),
-            };
+        Command::Batch { file, feature, history, history_format, out, format, memory_limit, partitions, cluster } => {
+            let limits = limits(&memory_limit, partitions, cluster)?;
             batch(&file, &feature, history, history_format, out, format, limits, cli.quiet).await
         }
         Command::Compare { left, right, keys, late, tolerance, json, examples, memory_limit } => {
@@ -332,13 +351,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let args = repair::CompareArgs { left, right, keys, late, tolerance, json, examples, limits };
             repair::compare(args, cli.quiet).await
         }
-        Command::Backfill { file, feature, history, out, from, to, dry_run, memory_limit } => {
-            let limits = SessionLimits { memory_limit: parse_bytes(&memory_limit)?, ..SessionLimits::default() };
+        Command::Backfill { file, feature, history, out, from, to, dry_run, memory_limit, partitions, cluster } => {
+            let limits = limits(&memory_limit, partitions, cluster)?;
             let args = repair::BackfillArgs { history, out, from, to, dry_run, limits };
             repair::backfill(&file, &feature, args, cli.quiet).await
         }
-        Command::TrainingSet { file, labels, features, out, format, label_time, history, memory_limit } => {
-            let limits = SessionLimits { memory_limit: parse_bytes(&memory_limit)?, ..SessionLimits::default() };
+        Command::TrainingSet {
+            file,
+            labels,
+            features,
+            out,
+            format,
+            label_time,
+            history,
+            memory_limit,
+            partitions,
+            cluster,
+        } => {
+            let limits = limits(&memory_limit, partitions, cluster)?;
             let options = lockstep_batch::training::TrainingOptions {
                 labels,
                 label_time,
@@ -351,6 +381,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Skew { file, served, max_rate, history, json } => {
             skew(&file, &served, max_rate, history, json.as_deref()).await
         }
+        Command::Scheduler(args) => cluster::scheduler(args).await,
+        Command::Executor(args) => cluster::executor(args).await,
         Command::Demo { dir, events, users, days, seed } => {
             demo::run(&demo::DemoOptions { dir, events, users, days, seed }, cli.quiet).await
         }
@@ -391,6 +423,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ),
         },
     }
+}
+
+/// Session resources from the command line.
+fn limits(memory_limit: &str, partitions: Option<usize>, cluster: Option<String>) -> Result<SessionLimits> {
+    let defaults = SessionLimits::default();
+    Ok(SessionLimits {
+        memory_limit: parse_bytes(memory_limit)?,
+        partitions: partitions.unwrap_or(defaults.partitions),
+        cluster,
+    })
 }
 
 fn load(file: &Path) -> Result<Definitions> {
@@ -488,6 +530,15 @@ async fn batch(
     let result = job.run(&target).await;
     bar.finish();
     let summary = result.with_context(|| format!("feature set `{feature}`"))?;
+    if job.on_cluster() {
+        println!(
+            "{feature}: {} windows in {:.2}s on the cluster (events are counted on its executors) → {}",
+            summary.windows,
+            summary.elapsed.as_secs_f64(),
+            summary.output
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{feature}: {} events → {} windows in {:.2}s ({:.0} events/s) → {}",
         summary.events,

@@ -180,9 +180,11 @@ impl Fixture {
         let definitions = Definitions::load(&self.definitions).unwrap();
         let compiled = compile_feature(&definitions, definitions.feature(feature).unwrap()).unwrap();
         let keys = compiled.key_types.len();
-        let job = BatchJob::new(compiled, Some(self.history.clone()))
-            .unwrap()
-            .with_limits(SessionLimits { memory_limit: 256 << 20, partitions: 2 });
+        let job = BatchJob::new(compiled, Some(self.history.clone())).unwrap().with_limits(SessionLimits {
+            memory_limit: 256 << 20,
+            partitions: 2,
+            cluster: None,
+        });
         let batches: Vec<RecordBatch> = job.collect().await.unwrap();
         let mut out = BTreeMap::new();
         for batch in &batches {

@@ -24,7 +24,7 @@ use crate::exact::ExactSum;
 use crate::value::{ArgColumn, Output, Value, ValueType};
 
 /// The aggregate functions of SPEC §1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Function {
     /// `count(*)`: rows.
     CountStar,
@@ -105,7 +105,7 @@ impl Function {
 }
 
 /// One compiled aggregation: its output name, function, argument type and output type.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AggregateSpec {
     pub name: String,
     pub function: Function,

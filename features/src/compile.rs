@@ -51,7 +51,7 @@ pub struct CompiledFeature {
 }
 
 /// Where the window stage finds its inputs among the stage columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StageLayout {
     /// Key columns are `0..keys`.
     pub keys: usize,
@@ -119,17 +119,22 @@ impl CompiledFeature {
 
     /// The output schema of SPEC §2: keys, `window_start`, `window_end`, then the aggregations.
     pub fn output_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> =
-            self.feature.key.iter().zip(&self.key_types).map(|(k, t)| Field::new(k, t.arrow_type(), true)).collect();
-        fields.push(Field::new("window_start", timestamp_type(), false));
-        fields.push(Field::new("window_end", timestamp_type(), false));
-        for aggregate in &self.aggregates {
-            let nullable =
-                !matches!(aggregate.spec.function, Function::CountStar | Function::Count | Function::CountDistinct);
-            fields.push(Field::new(&aggregate.spec.name, aggregate.spec.output.arrow_type(), nullable));
-        }
-        Arc::new(Schema::new(fields))
+        let keys: Vec<(String, ValueType)> =
+            self.feature.key.iter().cloned().zip(self.key_types.iter().copied()).collect();
+        output_schema(&keys, &self.specs())
     }
+}
+
+/// The output schema of SPEC §2 for these keys (name and type) and aggregates.
+pub fn output_schema(keys: &[(String, ValueType)], specs: &[AggregateSpec]) -> SchemaRef {
+    let mut fields: Vec<Field> = keys.iter().map(|(k, t)| Field::new(k, t.arrow_type(), true)).collect();
+    fields.push(Field::new("window_start", timestamp_type(), false));
+    fields.push(Field::new("window_end", timestamp_type(), false));
+    for spec in specs {
+        let nullable = !matches!(spec.function, Function::CountStar | Function::Count | Function::CountDistinct);
+        fields.push(Field::new(&spec.name, spec.output.arrow_type(), nullable));
+    }
+    Arc::new(Schema::new(fields))
 }
 
 /// A column name as a SQL identifier, quoted so that case and odd characters survive

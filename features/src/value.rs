@@ -14,7 +14,7 @@ use arrow::datatypes::{DataType, TimeUnit};
 use crate::aggregate::ValueSink;
 
 /// A column type in a definitions file: `string | int64 | float64 | bool | timestamp`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ValueType {
     String,
     Int64,

@@ -15,7 +15,7 @@
 use crate::duration::Duration;
 
 /// How a feature set cuts time into windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Window {
     /// Fixed-size windows starting every `every`; `size` is a multiple of `every`.
     Sliding { size: Duration, every: Duration, offset: Duration },

@@ -88,7 +88,7 @@ fn batch_rows(feature: &CompiledFeature, events: &RecordBatch) -> Rows {
     writer.close().unwrap();
     let job = BatchJob::new(feature.clone(), Some(Location::Parquet(path.display().to_string())))
         .unwrap()
-        .with_limits(SessionLimits { memory_limit: 64 << 20, partitions: 1 });
+        .with_limits(SessionLimits { memory_limit: 64 << 20, partitions: 1, cluster: None });
     rows_of(&RUNTIME.block_on(job.collect()).unwrap())
 }
 

@@ -91,14 +91,16 @@ fn history(dir: &std::path::Path, seed: u64) -> (Location, RecordBatch) {
 }
 
 async fn batch_rows(feature: &CompiledFeature, history: &Location) -> Rows {
-    let job = BatchJob::new(feature.clone(), Some(history.clone()))
-        .unwrap()
-        .with_limits(SessionLimits { memory_limit: 256 << 20, partitions: 2 });
+    let job = BatchJob::new(feature.clone(), Some(history.clone())).unwrap().with_limits(SessionLimits {
+        memory_limit: 256 << 20,
+        partitions: 2,
+        cluster: None,
+    });
     rows_of(&job.collect().await.unwrap())
 }
 
 async fn replay_rows(feature: &CompiledFeature, history: &Location) -> (Rows, Vec<RecordBatch>) {
-    let limits = SessionLimits { memory_limit: 256 << 20, partitions: 1 };
+    let limits = SessionLimits { memory_limit: 256 << 20, partitions: 1, cluster: None };
     let out = replay(feature, history, &limits, Arc::new(AtomicU64::new(0))).await.unwrap();
     (rows_of(&out.windows), out.late)
 }

@@ -106,9 +106,11 @@ features:
 pub async fn run_batch(definitions: &Definitions, history: Location, partitions: usize) -> Result<Vec<Row>, String> {
     let feature = definitions.feature("f").expect("feature f");
     let compiled = compile_feature(definitions, feature).map_err(|e| e.to_string())?;
-    let job = BatchJob::new(compiled, Some(history))
-        .map_err(|e| e.to_string())?
-        .with_limits(SessionLimits { memory_limit: 256 << 20, partitions });
+    let job = BatchJob::new(compiled, Some(history)).map_err(|e| e.to_string())?.with_limits(SessionLimits {
+        memory_limit: 256 << 20,
+        partitions,
+        cluster: None,
+    });
     let batches = job.collect().await.map_err(|e| e.to_string())?;
     Ok(rows_of(&batches))
 }

@@ -14,7 +14,6 @@
 //! A Delta history is read as the Parquet files of its pinned version (see
 //! [`crate::source::read_delta_files`]), since Delta's scan has no physical codec.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ballista::extension::SessionContextExt;
@@ -136,18 +135,16 @@ fn decode_wanted(mut buf: &[u8]) -> Option<WantedWindows> {
     }
     let u32_at = |buf: &mut &[u8]| take(buf, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
     let keys = u64::from_le_bytes(take(&mut buf, 8)?.try_into().ok()?);
-    let mut by_key = HashMap::with_capacity(keys.min(1 << 20) as usize);
+    let mut pairs = Vec::new();
     for _ in 0..keys {
         let length = u32_at(&mut buf)?;
-        let key: Box<[u8]> = take(&mut buf, length)?.into();
+        let key = take(&mut buf, length)?;
         let count = u32_at(&mut buf)?;
-        let mut starts = HashSet::with_capacity(count);
         for _ in 0..count {
-            starts.insert(i64::from_le_bytes(take(&mut buf, 8)?.try_into().ok()?));
+            pairs.push((key, i64::from_le_bytes(take(&mut buf, 8)?.try_into().ok()?)));
         }
-        by_key.insert(key, starts);
     }
-    buf.is_empty().then_some(WantedWindows { by_key })
+    buf.is_empty().then(|| WantedWindows::from_pairs(pairs))
 }
 
 /// Ballista's logical codec plus lockstep's `FeatureWindow` node.

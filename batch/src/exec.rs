@@ -59,10 +59,59 @@ pub struct WindowStage {
 }
 
 /// The windows a job must write, by key (in the Arrow row format of the key columns) and
-/// `window_start`; every other window is computed but not written.
+/// `window_start`. The window stage slides past every other window without evaluating it, and
+/// skips a key's events after its last wanted window.
 #[derive(Debug, Default)]
 pub struct WantedWindows {
-    pub by_key: std::collections::HashMap<Box<[u8]>, std::collections::HashSet<i64>>,
+    /// Per key, the wanted `window_start`s, ascending, without repeats.
+    pub by_key: datafusion::common::HashMap<Box<[u8]>, Vec<i64>>,
+}
+
+impl WantedWindows {
+    /// The windows of these (key, `window_start`) pairs, in any order, repeats allowed.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a [u8], i64)>) -> Self {
+        let mut by_key: datafusion::common::HashMap<Box<[u8]>, Vec<i64>> = Default::default();
+        for (key, start) in pairs {
+            match by_key.get_mut(key) {
+                Some(starts) => starts.push(start),
+                None => {
+                    by_key.insert(key.into(), vec![start]);
+                }
+            }
+        }
+        for starts in by_key.values_mut() {
+            starts.sort_unstable();
+            starts.dedup();
+        }
+        WantedWindows { by_key }
+    }
+}
+
+/// The wanted windows of the key being assembled, and how many of them are behind.
+#[derive(Debug, Default)]
+struct KeyWanted {
+    starts: Vec<i64>,
+    next: usize,
+}
+
+impl KeyWanted {
+    /// Whether the window starting at `start` is wanted; windows come in increasing order, each
+    /// once.
+    fn take(&mut self, start: i64) -> bool {
+        while self.starts.get(self.next).is_some_and(|s| *s < start) {
+            self.next += 1;
+        }
+        let wanted = self.starts.get(self.next) == Some(&start);
+        if wanted {
+            self.next += 1;
+        }
+        wanted
+    }
+
+    /// The next wanted window's start not emitted yet, if any is left.
+    fn upcoming(&self) -> Option<i64> {
+        self.starts.get(self.next).copied()
+    }
 }
 
 impl WindowStage {
@@ -238,7 +287,7 @@ struct StageState {
     assembler: Assembler,
     key: Option<OwnedRow>,
     /// The windows wanted of the current key (`None`: all).
-    key_wanted: Option<std::collections::HashSet<i64>>,
+    key_wanted: Option<KeyWanted>,
     sink: RowSink,
     batch_size: usize,
     ready: Vec<RecordBatch>,
@@ -289,25 +338,41 @@ impl StageState {
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
                 if self.key.take().is_some() {
-                    finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_ref(), &feature)?;
+                    finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_mut(), &feature)?;
                 }
                 let owned = key.owned();
                 self.sink.begin_key(&owned);
-                self.key_wanted =
-                    self.stage.wanted.as_ref().map(|w| w.by_key.get(owned.row().as_ref()).cloned().unwrap_or_default());
+                if let Some(wanted) = &self.stage.wanted {
+                    let mut key_wanted = self.key_wanted.take().unwrap_or_default();
+                    key_wanted.starts.clear();
+                    key_wanted.next = 0;
+                    if let Some(starts) = wanted.by_key.get(owned.row().as_ref()) {
+                        key_wanted.starts.extend_from_slice(starts);
+                    }
+                    self.key_wanted = Some(key_wanted);
+                }
                 self.key = Some(owned);
             }
-            let (sink, wanted) = (&mut self.sink, self.key_wanted.as_ref());
+            let (sink, mut wanted) = (&mut self.sink, self.key_wanted.as_mut());
             let states: &mut Vec<Partial> = match &mut self.assembler {
                 Assembler::Panes { slider, panes, open } => {
                     let pane = panes.pane_of(time);
                     if open.as_ref().is_some_and(|(p, _)| *p != pane) {
                         let (p, states) = open.take().expect("checked above");
-                        slider.push(p, states, &mut |w| emit(sink, wanted, w, &feature))?;
+                        if let Some(wanted) = wanted.as_deref() {
+                            skip_unwanted(slider, panes, wanted);
+                        }
+                        slider.push(p, states, &mut |w| emit(sink, wanted.as_deref_mut(), w, &feature))?;
+                    }
+                    if wanted.as_ref().is_some_and(|w| w.upcoming().is_none()) {
+                        // Past this key's last wanted window: its later events change nothing wanted.
+                        continue;
                     }
                     &mut open.get_or_insert_with(|| (pane, specs.iter().map(Partial::empty).collect())).1
                 }
-                Assembler::Sessions(builder) => builder.at(time, &mut |w| emit(sink, wanted, w, &feature))?,
+                Assembler::Sessions(builder) => {
+                    builder.at(time, &mut |w| emit(sink, wanted.as_deref_mut(), w, &feature))?
+                }
             };
             stage.apply(specs, states, row, time);
             if self.sink.rows >= self.batch_size {
@@ -324,7 +389,7 @@ impl StageState {
     fn finish(&mut self) -> Result<()> {
         if self.key.take().is_some() {
             let feature = self.stage.feature.clone();
-            finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_ref(), &feature)?;
+            finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_mut(), &feature)?;
         }
         self.flush()?;
         self.done = true;
@@ -348,32 +413,39 @@ fn flush(
 }
 
 /// Writes a window unless only some windows are wanted and it is not one of them.
-fn emit(
-    sink: &mut RowSink,
-    wanted: Option<&std::collections::HashSet<i64>>,
-    w: WindowRow<'_>,
-    feature: &str,
-) -> Result<()> {
-    if wanted.is_some_and(|starts| !starts.contains(&w.start)) {
+fn emit(sink: &mut RowSink, wanted: Option<&mut KeyWanted>, w: WindowRow<'_>, feature: &str) -> Result<()> {
+    if let Some(wanted) = wanted
+        && !wanted.take(w.start)
+    {
         return Ok(());
     }
     sink.append(w, feature)
 }
 
+/// Lets the slider jump to the key's next wanted window (past all of them when none is left).
+fn skip_unwanted(slider: &mut PaneSlider, panes: &lockstep_features::Panes, wanted: &KeyWanted) {
+    slider.skip_before(wanted.upcoming().map_or(i64::MAX, |start| panes.pane_of(start)));
+}
+
 fn finish_key(
     assembler: &mut Assembler,
     sink: &mut RowSink,
-    wanted: Option<&std::collections::HashSet<i64>>,
+    mut wanted: Option<&mut KeyWanted>,
     feature: &str,
 ) -> Result<()> {
-    let mut emit = |w: WindowRow<'_>| emit(sink, wanted, w, feature);
     match assembler {
-        Assembler::Panes { slider, open, .. } => {
-            if let Some((p, states)) = open.take() {
-                slider.push(p, states, &mut emit)?;
+        Assembler::Panes { slider, open, panes } => {
+            if let Some(wanted) = wanted.as_deref() {
+                skip_unwanted(slider, panes, wanted);
             }
-            slider.finish(&mut emit)
+            if let Some((p, states)) = open.take() {
+                slider.push(p, states, &mut |w| emit(sink, wanted.as_deref_mut(), w, feature))?;
+            }
+            if let Some(wanted) = wanted.as_deref() {
+                skip_unwanted(slider, panes, wanted);
+            }
+            slider.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature))
         }
-        Assembler::Sessions(builder) => builder.finish(&mut emit),
+        Assembler::Sessions(builder) => builder.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature)),
     }
 }

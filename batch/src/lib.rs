@@ -79,6 +79,17 @@ pub fn in_ranges(
     Ok(any.unwrap_or(lit(false)))
 }
 
+/// The order of a job's rows.
+#[derive(Debug, Clone, Copy)]
+enum RowOrder {
+    /// By key, then `window_start`.
+    Key,
+    /// By `window_start`, then key.
+    Time,
+    /// As the window stage's partitions produce them.
+    Any,
+}
+
 /// What a finished batch job did.
 #[derive(Debug, Clone)]
 pub struct BatchSummary {
@@ -148,6 +159,10 @@ impl BatchJob {
     /// `window_start` then key (Delta output: files then cover narrow time ranges, which keeps a
     /// backfill's `replaceWhere` rewrite small).
     async fn frame_ordered(&self, by_time: bool) -> Result<(SessionContext, DataFrame), BatchError> {
+        self.frame_in(if by_time { RowOrder::Time } else { RowOrder::Key }).await
+    }
+
+    async fn frame_in(&self, order: RowOrder) -> Result<(SessionContext, DataFrame), BatchError> {
         let ctx = plan::context(&self.limits).await?;
         let history = match (&self.limits.cluster, &self.history) {
             (Some(_), Location::Delta(path)) => {
@@ -179,7 +194,7 @@ impl BatchJob {
                 &ranges.windows,
             )?)?;
         }
-        let mut order: Vec<SortExpr> = self
+        let mut sort: Vec<SortExpr> = self
             .feature
             .feature
             .key
@@ -187,12 +202,17 @@ impl BatchJob {
             .map(|k| col(lockstep_features::compile::quoted(k)).sort(true, true))
             .collect();
         let start = col("window_start").sort(true, true);
-        if by_time {
-            order.insert(0, start);
-        } else {
-            order.push(start);
-        }
-        let plan = windowed.sort(order)?.build()?;
+        let plan = match order {
+            RowOrder::Key => {
+                sort.push(start);
+                windowed.sort(sort)?.build()?
+            }
+            RowOrder::Time => {
+                sort.insert(0, start);
+                windowed.sort(sort)?.build()?
+            }
+            RowOrder::Any => windowed.build()?,
+        };
         let frame = DataFrame::new(ctx.state(), plan);
         Ok((ctx, frame))
     }
@@ -287,6 +307,17 @@ impl BatchJob {
                 result => return Ok(result?),
             }
         }
+    }
+
+    /// Runs the job and returns the rows in memory in no particular order (a training set
+    /// indexes them; sorting would only cost time). On a cluster, rows come back sorted, which
+    /// lets their order be checked.
+    pub async fn collect_unordered(&self) -> Result<Vec<arrow::array::RecordBatch>, BatchError> {
+        if self.on_cluster() {
+            return self.collect().await;
+        }
+        let (_ctx, frame) = self.frame_in(RowOrder::Any).await?;
+        Ok(frame.collect().await?)
     }
 
     /// Whether the job runs on a cluster (its events are then counted on the executors, and the

@@ -12,7 +12,7 @@
 //! gets 0 for counts and null for every other aggregate. Output: the label columns unchanged,
 //! then `<feature set>__<aggregate>` columns, one row per label, in the labels' order.
 
-use std::collections::HashMap;
+use datafusion::common::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -231,7 +231,7 @@ async fn match_windows(
             // ended `serving_delay` before it.
             let latest = times.iter().flatten().max().copied().unwrap_or(i64::MIN);
             let job = job.with_ranges(Ranges { events: vec![(i64::MIN, latest)], windows: vec![(i64::MIN, i64::MAX)] });
-            let rows = concat_batches(&schema, &job.collect().await?)?;
+            let rows = concat_batches(&schema, &job.collect_unordered().await?)?;
             let row_keys = converter.convert_columns(&rows.columns()[..nkeys])?;
             let ends = rows.column(nkeys + 1).as_primitive::<TimestampMillisecondType>();
             let mut by_key: HashMap<&[u8], Vec<(i64, u32)>> = HashMap::new();
@@ -254,15 +254,16 @@ async fn match_windows(
         window => {
             let panes = window.panes().expect("sliding windows have panes");
             let start_of = |t: i64| -> Option<i64> { Some(panes.served_window(serving_cutoff(t, delay)?).0) };
-            let mut wanted = WantedWindows::default();
             let (mut low, mut high) = (i64::MAX, i64::MIN);
+            let mut pairs = Vec::with_capacity(times.len());
             for (l, time) in times.iter().enumerate() {
                 if let Some(start) = time.and_then(start_of) {
-                    wanted.by_key.entry(keys.row(l).data().into()).or_default().insert(start);
+                    pairs.push((keys.row(l).data(), start));
                     low = low.min(start);
                     high = high.max(start);
                 }
             }
+            let wanted = WantedWindows::from_pairs(pairs);
             let rows = if low > high {
                 RecordBatch::new_empty(schema.clone())
             } else {
@@ -270,7 +271,7 @@ async fn match_windows(
                 let job = job
                     .with_wanted(Arc::new(wanted))
                     .with_ranges(Ranges { events: vec![(low, end)], windows: vec![(low, high + 1)] });
-                concat_batches(&schema, &job.collect().await?)?
+                concat_batches(&schema, &job.collect_unordered().await?)?
             };
             let row_keys = converter.convert_columns(&rows.columns()[..nkeys])?;
             let starts = rows.column(nkeys).as_primitive::<TimestampMillisecondType>();

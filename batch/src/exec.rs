@@ -29,7 +29,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties};
 use datafusion::physical_plan::{Distribution, Partitioning};
 use futures::StreamExt;
-use lockstep_features::assemble::{PaneSlider, SessionBuilder, WindowRow};
+use lockstep_features::assemble::{PaneSlider, SessionBuilder, WindowRow, WindowStates};
 use lockstep_features::rows::RowSink;
 use lockstep_features::{AggregateSpec, CompiledFeature, Partial, StageBatch, StageLayout, Window};
 
@@ -129,6 +129,12 @@ impl WindowStage {
         }
     }
 
+    /// Whether the stage computes just its wanted windows of a sliding window, straight from
+    /// unsorted events ([`WantedState`]), rather than sliding over every pane of sorted input.
+    pub fn picks_wanted(&self) -> bool {
+        self.wanted.is_some() && self.window.panes().is_some()
+    }
+
     /// One line describing the stage, for plans.
     pub fn describe(&self) -> String {
         let window = match self.window.panes() {
@@ -178,7 +184,9 @@ impl FeatureWindowExec {
             ordering.push(PhysicalSortExpr::new_default(physical_col(name, &schema)?));
         }
         let mut equivalences = EquivalenceProperties::new(schema);
-        equivalences.add_ordering(ordering);
+        if !stage.picks_wanted() {
+            equivalences.add_ordering(ordering);
+        }
         let partitioning = if keys.is_empty() {
             Partitioning::UnknownPartitioning(1)
         } else {
@@ -236,6 +244,9 @@ impl ExecutionPlan for FeatureWindowExec {
     }
 
     fn required_input_ordering(&self) -> Vec<Option<OrderingRequirements>> {
+        if self.stage.picks_wanted() {
+            return vec![None];
+        }
         let requirement = LexRequirement::new(self.ordering.iter().cloned().map(PhysicalSortRequirement::from));
         vec![requirement.map(OrderingRequirements::new)]
     }
@@ -249,6 +260,9 @@ impl ExecutionPlan for FeatureWindowExec {
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let input = self.input.execute(partition, context.clone())?;
         let batch_size = context.session_config().batch_size();
+        if self.stage.picks_wanted() {
+            return WantedState::new(&self.stage, batch_size)?.stream(input);
+        }
         let state = StageState::new(&self.stage, batch_size)?;
         let schema = self.stage.output_schema.clone();
         let stream = futures::stream::unfold(Some((input, state)), |current| async move {
@@ -296,11 +310,7 @@ struct StageState {
 
 impl StageState {
     fn new(stage: &WindowStage, batch_size: usize) -> Result<Self> {
-        let key_fields: Vec<SortField> = stage.output_schema.fields()[..stage.layout.keys]
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        let converter = RowConverter::new(key_fields)?;
+        let converter = key_converter(stage)?;
         let assembler = match stage.window {
             Window::Session { gap } => Assembler::Sessions(SessionBuilder::new(gap, stage.specs.clone())),
             sliding => {
@@ -397,6 +407,15 @@ impl StageState {
     }
 }
 
+/// Converts a stage's key columns to and from Arrow's row format.
+fn key_converter(stage: &WindowStage) -> Result<RowConverter> {
+    let fields: Vec<SortField> = stage.output_schema.fields()[..stage.layout.keys]
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    Ok(RowConverter::new(fields)?)
+}
+
 /// Moves the rows made so far into the queue of ready batches.
 fn flush(
     sink: &mut RowSink,
@@ -447,5 +466,119 @@ fn finish_key(
             slider.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature))
         }
         Assembler::Sessions(builder) => builder.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature)),
+    }
+}
+
+/// The wanted windows of one key in one partition: their starts (ascending) and, once an event
+/// falls in one, its partial states.
+struct KeyWindows {
+    key: OwnedRow,
+    starts: Vec<i64>,
+    states: Vec<Option<Vec<Partial>>>,
+}
+
+/// A window stage that computes only wanted windows of a sliding window (a training set's),
+/// without sorting: each event updates the partial states of the wanted windows holding it,
+/// found by binary search among its key's wanted starts. The partial states are the shared
+/// kernels', which are order-independent and exact, so a window holds the same bits as when
+/// slid over sorted panes. Memory is the wanted windows' states of this partition's keys.
+struct WantedState {
+    stage: WindowStage,
+    wanted: Arc<WantedWindows>,
+    panes: lockstep_features::Panes,
+    converter: RowConverter,
+    keys: datafusion::common::HashMap<Box<[u8]>, KeyWindows>,
+    batch_size: usize,
+}
+
+impl WantedState {
+    fn new(stage: &WindowStage, batch_size: usize) -> Result<Self> {
+        let internal = |what: &str| DataFusionError::Internal(format!("wanted windows without {what}"));
+        Ok(WantedState {
+            stage: stage.clone(),
+            wanted: stage.wanted.clone().ok_or_else(|| internal("a wanted set"))?,
+            panes: stage.window.panes().ok_or_else(|| internal("panes"))?,
+            converter: key_converter(stage)?,
+            keys: Default::default(),
+            batch_size,
+        })
+    }
+
+    /// Folds every input batch in, then emits the windows.
+    fn stream(self, input: SendableRecordBatchStream) -> Result<SendableRecordBatchStream> {
+        let schema = self.stage.output_schema.clone();
+        let stream = futures::stream::once(async move {
+            let mut state = self;
+            let mut input = input;
+            while let Some(batch) = input.next().await {
+                state.consume(&batch?)?;
+            }
+            state.finish()
+        })
+        .map(|result: Result<Vec<RecordBatch>>| match result {
+            Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).left_stream(),
+            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+        })
+        .flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+
+    fn consume(&mut self, batch: &RecordBatch) -> Result<()> {
+        let layout = &self.stage.layout;
+        let keys = self.converter.convert_columns(&batch.columns()[..layout.keys])?;
+        let stage = StageBatch::new(layout, batch)?;
+        let (specs, counters, panes) = (&self.stage.specs, &self.stage.counters, self.panes);
+        counters.events.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        for row in 0..batch.num_rows() {
+            let Some(time) = stage.time(row) else {
+                counters.null_times.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let key = keys.row(row);
+            let windows = match self.keys.get_mut(key.as_ref()) {
+                Some(windows) => windows,
+                None => {
+                    let starts = self.wanted.by_key.get(key.as_ref()).cloned().unwrap_or_default();
+                    let states = (0..starts.len()).map(|_| None).collect();
+                    self.keys.entry(key.as_ref().into()).or_insert(KeyWindows { key: key.owned(), starts, states })
+                }
+            };
+            // The windows holding `time` start in the panes `pane - per_window + 1 ..= pane`.
+            let pane = panes.pane_of(time);
+            let first = panes.start_of(pane - (panes.per_window - 1));
+            let last = panes.start_of(pane);
+            let mut i = windows.starts.partition_point(|s| *s < first);
+            while i < windows.starts.len() && windows.starts[i] <= last {
+                let states =
+                    windows.states[i].get_or_insert_with(|| specs.iter().map(Partial::empty).collect::<Vec<_>>());
+                stage.apply(specs, states, row, time);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Vec<RecordBatch>> {
+        let mut sink = RowSink::new(&self.stage.specs, self.stage.output_schema.clone(), self.batch_size);
+        let mut ready = Vec::new();
+        let feature = self.stage.feature.clone();
+        for windows in self.keys.values() {
+            if windows.states.iter().all(Option::is_none) {
+                continue;
+            }
+            sink.begin_key(&windows.key);
+            for (start, states) in windows.starts.iter().zip(&windows.states) {
+                let Some(states) = states else { continue };
+                let end = self.panes.window_end(self.panes.pane_of(*start));
+                sink.append(WindowRow { start: *start, end, states: WindowStates::Merged(states) }, &feature)?;
+                if sink.rows >= self.batch_size {
+                    flush(&mut sink, &self.converter, &self.stage.counters, &mut ready)?;
+                }
+            }
+        }
+        flush(&mut sink, &self.converter, &self.stage.counters, &mut ready)?;
+        // `flush` queues batches for popping from the back; hand them out in order.
+        ready.reverse();
+        Ok(ready)
     }
 }

@@ -275,6 +275,19 @@ pub async fn remote_context(url: &str, limits: &SessionLimits) -> Result<Session
     if !url.starts_with("df://") {
         return Err(BatchError::Config(format!("--cluster takes a Ballista scheduler as df://HOST:PORT, not `{url}`")));
     }
+    // Reach the scheduler now: a job would otherwise fail only once it runs, with a transport error.
+    let address = url.trim_start_matches("df://").trim_end_matches('/');
+    let reached =
+        tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(address)).await;
+    match reached {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return Err(BatchError::Config(format!(
+                "cannot reach the scheduler at {url}: {e}; start one with `lockstep scheduler`"
+            )));
+        }
+        Err(_) => return Err(BatchError::Config(format!("cannot reach the scheduler at {url}: no answer in 10 s"))),
+    }
     let runtime = crate::plan::runtime(limits)?;
     let state = SessionStateBuilder::new()
         .with_config(cluster_config(limits))

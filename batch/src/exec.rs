@@ -59,8 +59,8 @@ pub struct WindowStage {
 }
 
 /// The windows a job must write, by key (in the Arrow row format of the key columns) and
-/// `window_start`. The window stage slides past every other window without evaluating it, and
-/// skips a key's events after its last wanted window.
+/// `window_start`, for a sliding window: the window stage then computes only these
+/// ([`WantedState`]).
 #[derive(Debug, Default)]
 pub struct WantedWindows {
     /// Per key, the wanted `window_start`s, ascending, without repeats.
@@ -87,33 +87,6 @@ impl WantedWindows {
     }
 }
 
-/// The wanted windows of the key being assembled, and how many of them are behind.
-#[derive(Debug, Default)]
-struct KeyWanted {
-    starts: Vec<i64>,
-    next: usize,
-}
-
-impl KeyWanted {
-    /// Whether the window starting at `start` is wanted; windows come in increasing order, each
-    /// once.
-    fn take(&mut self, start: i64) -> bool {
-        while self.starts.get(self.next).is_some_and(|s| *s < start) {
-            self.next += 1;
-        }
-        let wanted = self.starts.get(self.next) == Some(&start);
-        if wanted {
-            self.next += 1;
-        }
-        wanted
-    }
-
-    /// The next wanted window's start not emitted yet, if any is left.
-    fn upcoming(&self) -> Option<i64> {
-        self.starts.get(self.next).copied()
-    }
-}
-
 impl WindowStage {
     /// The stage of a compiled feature set.
     pub fn new(feature: &CompiledFeature, counters: Arc<StageCounters>) -> Self {
@@ -129,10 +102,10 @@ impl WindowStage {
         }
     }
 
-    /// Whether the stage computes just its wanted windows of a sliding window, straight from
-    /// unsorted events ([`WantedState`]), rather than sliding over every pane of sorted input.
+    /// Whether the stage computes just its wanted windows, straight from unsorted events
+    /// ([`WantedState`]), rather than sliding over every pane of sorted input.
     pub fn picks_wanted(&self) -> bool {
-        self.wanted.is_some() && self.window.panes().is_some()
+        self.wanted.is_some()
     }
 
     /// One line describing the stage, for plans.
@@ -300,8 +273,6 @@ struct StageState {
     converter: RowConverter,
     assembler: Assembler,
     key: Option<OwnedRow>,
-    /// The windows wanted of the current key (`None`: all).
-    key_wanted: Option<KeyWanted>,
     sink: RowSink,
     batch_size: usize,
     ready: Vec<RecordBatch>,
@@ -324,7 +295,6 @@ impl StageState {
             converter,
             assembler,
             key: None,
-            key_wanted: None,
             sink: RowSink::new(&stage.specs, stage.output_schema.clone(), batch_size),
             batch_size,
             ready: Vec::new(),
@@ -348,41 +318,23 @@ impl StageState {
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
                 if self.key.take().is_some() {
-                    finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_mut(), &feature)?;
+                    finish_key(&mut self.assembler, &mut self.sink, &feature)?;
                 }
                 let owned = key.owned();
                 self.sink.begin_key(&owned);
-                if let Some(wanted) = &self.stage.wanted {
-                    let mut key_wanted = self.key_wanted.take().unwrap_or_default();
-                    key_wanted.starts.clear();
-                    key_wanted.next = 0;
-                    if let Some(starts) = wanted.by_key.get(owned.row().as_ref()) {
-                        key_wanted.starts.extend_from_slice(starts);
-                    }
-                    self.key_wanted = Some(key_wanted);
-                }
                 self.key = Some(owned);
             }
-            let (sink, mut wanted) = (&mut self.sink, self.key_wanted.as_mut());
+            let sink = &mut self.sink;
             let states: &mut Vec<Partial> = match &mut self.assembler {
                 Assembler::Panes { slider, panes, open } => {
                     let pane = panes.pane_of(time);
                     if open.as_ref().is_some_and(|(p, _)| *p != pane) {
                         let (p, states) = open.take().expect("checked above");
-                        if let Some(wanted) = wanted.as_deref() {
-                            skip_unwanted(slider, panes, wanted);
-                        }
-                        slider.push(p, states, &mut |w| emit(sink, wanted.as_deref_mut(), w, &feature))?;
-                    }
-                    if wanted.as_ref().is_some_and(|w| w.upcoming().is_none()) {
-                        // Past this key's last wanted window: its later events change nothing wanted.
-                        continue;
+                        slider.push(p, states, &mut |w| sink.append(w, &feature))?;
                     }
                     &mut open.get_or_insert_with(|| (pane, specs.iter().map(Partial::empty).collect())).1
                 }
-                Assembler::Sessions(builder) => {
-                    builder.at(time, &mut |w| emit(sink, wanted.as_deref_mut(), w, &feature))?
-                }
+                Assembler::Sessions(builder) => builder.at(time, &mut |w| sink.append(w, &feature))?,
             };
             stage.apply(specs, states, row, time);
             if self.sink.rows >= self.batch_size {
@@ -399,7 +351,7 @@ impl StageState {
     fn finish(&mut self) -> Result<()> {
         if self.key.take().is_some() {
             let feature = self.stage.feature.clone();
-            finish_key(&mut self.assembler, &mut self.sink, self.key_wanted.as_mut(), &feature)?;
+            finish_key(&mut self.assembler, &mut self.sink, &feature)?;
         }
         self.flush()?;
         self.done = true;
@@ -431,41 +383,16 @@ fn flush(
     Ok(())
 }
 
-/// Writes a window unless only some windows are wanted and it is not one of them.
-fn emit(sink: &mut RowSink, wanted: Option<&mut KeyWanted>, w: WindowRow<'_>, feature: &str) -> Result<()> {
-    if let Some(wanted) = wanted
-        && !wanted.take(w.start)
-    {
-        return Ok(());
-    }
-    sink.append(w, feature)
-}
-
-/// Lets the slider jump to the key's next wanted window (past all of them when none is left).
-fn skip_unwanted(slider: &mut PaneSlider, panes: &lockstep_features::Panes, wanted: &KeyWanted) {
-    slider.skip_before(wanted.upcoming().map_or(i64::MAX, |start| panes.pane_of(start)));
-}
-
-fn finish_key(
-    assembler: &mut Assembler,
-    sink: &mut RowSink,
-    mut wanted: Option<&mut KeyWanted>,
-    feature: &str,
-) -> Result<()> {
+fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, feature: &str) -> Result<()> {
+    let mut emit = |w: WindowRow<'_>| sink.append(w, feature);
     match assembler {
-        Assembler::Panes { slider, open, panes } => {
-            if let Some(wanted) = wanted.as_deref() {
-                skip_unwanted(slider, panes, wanted);
-            }
+        Assembler::Panes { slider, open, .. } => {
             if let Some((p, states)) = open.take() {
-                slider.push(p, states, &mut |w| emit(sink, wanted.as_deref_mut(), w, feature))?;
+                slider.push(p, states, &mut emit)?;
             }
-            if let Some(wanted) = wanted.as_deref() {
-                skip_unwanted(slider, panes, wanted);
-            }
-            slider.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature))
+            slider.finish(&mut emit)
         }
-        Assembler::Sessions(builder) => builder.finish(&mut |w| emit(sink, wanted.as_deref_mut(), w, feature)),
+        Assembler::Sessions(builder) => builder.finish(&mut emit),
     }
 }
 
@@ -493,11 +420,11 @@ struct WantedState {
 
 impl WantedState {
     fn new(stage: &WindowStage, batch_size: usize) -> Result<Self> {
-        let internal = |what: &str| DataFusionError::Internal(format!("wanted windows without {what}"));
+        let internal = |what: &str| DataFusionError::Internal(format!("wanted windows need {what}"));
         Ok(WantedState {
             stage: stage.clone(),
             wanted: stage.wanted.clone().ok_or_else(|| internal("a wanted set"))?,
-            panes: stage.window.panes().ok_or_else(|| internal("panes"))?,
+            panes: stage.window.panes().ok_or_else(|| internal("a sliding window"))?,
             converter: key_converter(stage)?,
             keys: Default::default(),
             batch_size,
@@ -543,10 +470,8 @@ impl WantedState {
                     self.keys.entry(key.as_ref().into()).or_insert(KeyWindows { key: key.owned(), starts, states })
                 }
             };
-            // The windows holding `time` start in the panes `pane - per_window + 1 ..= pane`.
-            let pane = panes.pane_of(time);
-            let first = panes.start_of(pane - (panes.per_window - 1));
-            let last = panes.start_of(pane);
+            let holding = panes.windows_of_pane(panes.pane_of(time));
+            let (first, last) = (panes.start_of(*holding.start()), panes.start_of(*holding.end()));
             let mut i = windows.starts.partition_point(|s| *s < first);
             while i < windows.starts.len() && windows.starts[i] <= last {
                 let states =

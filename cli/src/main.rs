@@ -81,16 +81,8 @@ enum Command {
         /// Force the output format.
         #[arg(long, value_enum)]
         format: Option<TableFormat>,
-        /// Memory for sorting before spilling to disk, e.g. 512MiB or 2GiB.
-        #[arg(long, default_value = "1GiB")]
-        memory_limit: String,
-        /// Threads to spread keys over (default: the number of cores; on a cluster, 2 per
-        /// executor core is a good start).
-        #[arg(long)]
-        partitions: Option<usize>,
-        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
-        #[arg(long, value_name = "df://HOST:PORT")]
-        cluster: Option<String>,
+        #[command(flatten)]
+        resources: Resources,
     },
     /// Send a JSON-lines file to a Kafka topic, one message per line, keyed by a field.
     Produce {
@@ -158,14 +150,8 @@ enum Command {
         /// Print the ranges and row counts it would replace, and write nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long, default_value = "1GiB")]
-        memory_limit: String,
-        /// Tasks each stage of the recompute is cut into (default: the number of cores).
-        #[arg(long)]
-        partitions: Option<usize>,
-        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
-        #[arg(long, value_name = "df://HOST:PORT")]
-        cluster: Option<String>,
+        #[command(flatten)]
+        resources: Resources,
     },
     /// Build a point-in-time training set: the labels' columns plus, per feature set, the
     /// values the online store would have served at each label's time.
@@ -189,14 +175,8 @@ enum Command {
         /// Read this history instead of the sources' `history`.
         #[arg(long)]
         history: Option<String>,
-        #[arg(long, default_value = "1GiB")]
-        memory_limit: String,
-        /// Tasks each stage of the window computation is cut into (default: the number of cores).
-        #[arg(long)]
-        partitions: Option<usize>,
-        /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
-        #[arg(long, value_name = "df://HOST:PORT")]
-        cluster: Option<String>,
+        #[command(flatten)]
+        resources: Resources,
     },
     /// Serve feature reads over HTTP from the online store the streaming job fills.
     Serve {
@@ -297,6 +277,31 @@ enum Command {
     },
 }
 
+/// Where and with what a batch, backfill or training-set job runs.
+#[derive(clap::Args)]
+struct Resources {
+    /// Memory for sorting before spilling to disk, e.g. 512MiB or 2GiB.
+    #[arg(long, default_value = "1GiB")]
+    memory_limit: String,
+    /// Partitions to spread keys over: threads here, tasks per stage on a cluster (default: the
+    /// number of cores; on a cluster, 2 per executor core is a good start).
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Run on this Ballista cluster (a `lockstep scheduler`) instead of in this process.
+    #[arg(long, value_name = "df://HOST:PORT")]
+    cluster: Option<String>,
+}
+
+impl Resources {
+    fn limits(self) -> Result<SessionLimits> {
+        Ok(SessionLimits {
+            memory_limit: parse_bytes(&self.memory_limit)?,
+            partitions: self.partitions.unwrap_or(SessionLimits::default().partitions),
+            cluster: self.cluster,
+        })
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GenerateFormat {
     Parquet,
@@ -342,8 +347,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate { events, users, days, seed, late_rate, out, format } => {
             generate(events, users, days, seed, late_rate, &out, format, cli.quiet).await
         }
-        Command::Batch { file, feature, history, history_format, out, format, memory_limit, partitions, cluster } => {
-            let limits = limits(&memory_limit, partitions, cluster)?;
+        Command::Batch { file, feature, history, history_format, out, format, resources } => {
+            let limits = resources.limits()?;
             batch(&file, &feature, history, history_format, out, format, limits, cli.quiet).await
         }
         Command::Compare { left, right, keys, late, tolerance, json, examples, memory_limit } => {
@@ -351,24 +356,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let args = repair::CompareArgs { left, right, keys, late, tolerance, json, examples, limits };
             repair::compare(args, cli.quiet).await
         }
-        Command::Backfill { file, feature, history, out, from, to, dry_run, memory_limit, partitions, cluster } => {
-            let limits = limits(&memory_limit, partitions, cluster)?;
+        Command::Backfill { file, feature, history, out, from, to, dry_run, resources } => {
+            let limits = resources.limits()?;
             let args = repair::BackfillArgs { history, out, from, to, dry_run, limits };
             repair::backfill(&file, &feature, args, cli.quiet).await
         }
-        Command::TrainingSet {
-            file,
-            labels,
-            features,
-            out,
-            format,
-            label_time,
-            history,
-            memory_limit,
-            partitions,
-            cluster,
-        } => {
-            let limits = limits(&memory_limit, partitions, cluster)?;
+        Command::TrainingSet { file, labels, features, out, format, label_time, history, resources } => {
+            let limits = resources.limits()?;
             let options = lockstep_batch::training::TrainingOptions {
                 labels,
                 label_time,
@@ -423,16 +417,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ),
         },
     }
-}
-
-/// Session resources from the command line.
-fn limits(memory_limit: &str, partitions: Option<usize>, cluster: Option<String>) -> Result<SessionLimits> {
-    let defaults = SessionLimits::default();
-    Ok(SessionLimits {
-        memory_limit: parse_bytes(memory_limit)?,
-        partitions: partitions.unwrap_or(defaults.partitions),
-        cluster,
-    })
 }
 
 fn load(file: &Path) -> Result<Definitions> {

@@ -269,3 +269,23 @@ fn read_parquet(file: &str) -> arrow::array::RecordBatch {
     let batches: Vec<arrow::array::RecordBatch> = reader.map(Result::unwrap).collect();
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
+
+#[test]
+fn an_unreachable_or_malformed_cluster_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.parquet").display().to_string();
+    run_ok(&["generate", "--events", "2000", "--users", "20", "--days", "1", "--out", &events]);
+    let out = dir.path().join("out.parquet");
+    let examples = examples();
+    let batch = ["batch", examples.as_str(), "--feature", "user_velocity", "--history", &events];
+    let closed = format!("df://127.0.0.1:{}", free_port());
+    for (cluster, message) in [
+        (closed.as_str(), "cannot reach the scheduler at df://127.0.0.1:"),
+        ("http://127.0.0.1:50050", "--cluster takes a Ballista scheduler as df://HOST:PORT"),
+    ] {
+        let ran = lockstep(&[&batch[..], &["--out", out.to_str().unwrap(), "--cluster", cluster]].concat());
+        assert_eq!(ran.status.code(), Some(1), "{}", text(&ran));
+        assert!(text(&ran).contains(message), "{}", text(&ran));
+        assert!(!out.exists(), "no output from a job that never ran");
+    }
+}

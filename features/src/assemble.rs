@@ -87,14 +87,6 @@ impl PaneSlider {
         Ok(())
     }
 
-    /// Skips every window starting before pane `pane` that is not emitted yet: they are never
-    /// emitted, and panes older than the next window emitted leave without entering it. A job
-    /// that wants few windows (a training set's) slides past the rest for free; the windows it
-    /// does emit hold the same bits as without skipping.
-    pub fn skip_before(&mut self, pane: i64) {
-        self.next = self.next.max(pane);
-    }
-
     /// Emits every remaining window of this key and makes the slider ready for the next key.
     pub fn finish<E>(&mut self, emit: &mut impl FnMut(WindowRow<'_>) -> Result<(), E>) -> Result<(), E> {
         self.emit_until(i64::MAX, emit)?;
@@ -211,11 +203,6 @@ mod tests {
     }
 
     fn windows(panes: Panes, events: &[i64]) -> Vec<(i64, i64, i64)> {
-        windows_from(panes, events, None)
-    }
-
-    /// The windows of `events`, skipping those starting before pane `skip` when given.
-    fn windows_from(panes: Panes, events: &[i64], skip: Option<i64>) -> Vec<(i64, i64, i64)> {
         let specs = count_spec();
         let mut slider = PaneSlider::new(panes, specs.clone());
         let mut out = Vec::new();
@@ -229,18 +216,12 @@ mod tests {
             let pane = panes.pane_of(t);
             if current.as_ref().is_some_and(|(p, _)| *p != pane) {
                 let (p, states) = current.take().unwrap();
-                if let Some(skip) = skip {
-                    slider.skip_before(skip);
-                }
                 slider.push(p, states, &mut emit).unwrap();
             }
             let states = &mut current.get_or_insert_with(|| (pane, vec![Partial::empty(&specs[0])])).1;
             states[0].update(Function::CountStar, None, 0, t);
         }
         if let Some((p, states)) = current {
-            if let Some(skip) = skip {
-                slider.skip_before(skip);
-            }
             slider.push(p, states, &mut emit).unwrap();
         }
         slider.finish(&mut emit).unwrap();
@@ -266,19 +247,6 @@ mod tests {
                 (10 * m, 13 * m, 1),
             ]
         );
-    }
-
-    #[test]
-    fn skipped_windows_are_left_out_and_the_rest_keep_their_values() {
-        let d = |s: &str| Duration::parse(s).unwrap();
-        let panes = Window::sliding(d("5m"), d("1m"), Duration::ZERO).panes().unwrap();
-        let m = 60_000;
-        let events: Vec<i64> = [0, 1, 1, 2, 6, 7, 7, 7, 8, 15, 16, 30, 31, 33, 34].iter().map(|i| i * m + 7).collect();
-        let all = windows(panes, &events);
-        for skip in -6..40 {
-            let expected: Vec<_> = all.iter().copied().filter(|(start, _, _)| *start >= skip * m).collect();
-            assert_eq!(windows_from(panes, &events, Some(skip)), expected, "skipping before pane {skip}");
-        }
     }
 
     #[test]

@@ -187,15 +187,16 @@ enum Command {
         /// The online store (default: the feature sets' `output.online`).
         #[arg(long)]
         online: Option<String>,
-        /// Append every answer to this file as JSON lines (for `lockstep skew`).
+        /// Log every answer (for `lockstep skew`): a file (JSON lines, appended) or
+        /// kafka://HOST:PORT/TOPIC (one JSON record per answer). May be given more than once.
         #[arg(long)]
-        log: Option<String>,
+        log: Vec<String>,
     },
     /// The training/serving skew check: recompute offline every answer `serve` logged and
     /// report differences per feature set and aggregate. Exit 1 above --max-rate.
     Skew {
         file: PathBuf,
-        /// The answers `lockstep serve --log` wrote (JSON lines).
+        /// The answers `lockstep serve --log` wrote: a JSON-lines file or kafka://HOST:PORT/TOPIC.
         #[arg(long)]
         served: String,
         /// Highest tolerated share of skewed answers per feature set.
@@ -371,7 +372,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             training_set(&file, &features, options, &out, format, cli.quiet).await
         }
-        Command::Serve { file, listen, online, log } => serve(&file, listen, online, log.as_deref()).await,
+        Command::Serve { file, listen, online, log } => serve(&file, listen, online, &log).await,
         Command::Skew { file, served, max_rate, history, json } => {
             skew(&file, &served, max_rate, history, json.as_deref()).await
         }
@@ -537,19 +538,14 @@ async fn batch(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(
-    file: &Path,
-    listen: std::net::SocketAddr,
-    online: Option<String>,
-    log: Option<&str>,
-) -> Result<ExitCode> {
+async fn serve(file: &Path, listen: std::net::SocketAddr, online: Option<String>, logs: &[String]) -> Result<ExitCode> {
     let definitions = load(file)?;
     let features = compile_all(&definitions)?;
     let online = online
         .or_else(|| features.iter().find_map(|f| f.feature.output.online.clone()))
         .context("no online store: pass --online redis://HOST:PORT or give a feature set `output.online`")?;
     println!("serving {} feature set(s) from {online} on http://{listen}", features.len());
-    lockstep_stream::serve::serve(features, &online, listen, log).await?;
+    lockstep_stream::serve::serve(features, &online, listen, logs).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -539,11 +539,13 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     // time: a request at window_end + serving delay (30 s) gets that window, 1 ms earlier the
     // window before it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Answers are logged twice: to a file and to a topic.
     let log = fixture._dir.path().join("served.jsonl");
-    let server = KillOnDrop(
+    let log_topic = format!("kafka://{brokers}/{}", unique("served"));
+    let mut server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args(["serve", fixture.definitions.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--online", &redis_url, "--log", log.to_str().unwrap()])
+            .args(["--online", &redis_url, "--log", log.to_str().unwrap(), "--log", &log_topic])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -605,23 +607,38 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     assert_eq!(http(port, "POST", "/v1/features/velocity", "{not json").0, 400);
     let metrics = get("/metrics").1;
     assert!(metrics.contains("lockstep_serve_latency_seconds_bucket"), "{metrics}");
-    drop(server);
-    // Every answer was logged.
+    assert_eq!(metric(&metrics, "lockstep_serve_log_failures_total"), Some(0.0), "{metrics}");
+    // SIGTERM: the server stops taking requests, flushes its logs and exits cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "serve after SIGTERM: {status}");
+    // Every answer was logged, to both logs, with the same content.
+    let answers = 2 * checked + 1 + 2;
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(logged.lines().count(), 2 * checked + 1 + 2);
+    assert_eq!(logged.lines().count(), answers);
+    let topic = log_topic.rsplit('/').next().unwrap();
+    let records = read_topic(&brokers, topic);
+    assert_eq!(records.len(), answers);
+    let from_file: Vec<serde_json::Value> = logged.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let from_topic: Vec<serde_json::Value> =
+        records.iter().map(|r| serde_json::from_slice(r.1.as_deref().unwrap()).unwrap()).collect();
+    assert_eq!(from_file, from_topic, "the file and the topic log the same answers");
 
     // The skew check recomputes every logged answer offline: no skew (no event was too late).
     let history = fixture.history.url().to_string();
-    let skew = |definitions: &Path| {
+    let skew = |definitions: &Path, served: &str| {
         Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args(["skew", definitions.to_str().unwrap(), "--served", log.to_str().unwrap(), "--history", &history])
+            .args(["skew", definitions.to_str().unwrap(), "--served", served, "--history", &history])
             .output()
             .unwrap()
     };
-    let clean = skew(&fixture.definitions);
-    let out = String::from_utf8_lossy(&clean.stdout).to_string() + &String::from_utf8_lossy(&clean.stderr);
-    assert!(clean.status.success(), "{out}");
-    assert!(out.contains(&format!("velocity: 0 of {} served answers differ", 2 * checked + 3)), "{out}");
+    for served in [log.to_str().unwrap(), &log_topic] {
+        let clean = skew(&fixture.definitions, served);
+        let out = String::from_utf8_lossy(&clean.stdout).to_string() + &String::from_utf8_lossy(&clean.stderr);
+        assert!(clean.status.success(), "{served}: {out}");
+        assert!(out.contains(&format!("velocity: 0 of {answers} served answers differ")), "{served}: {out}");
+    }
     // Offline with a different serving delay than the one served: skew, exit 1.
     let text = std::fs::read_to_string(&fixture.definitions).unwrap();
     let wrong = fixture._dir.path().join("wrong-delay.yaml");
@@ -634,10 +651,12 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
         ),
     )
     .unwrap();
-    let skewed = skew(&wrong);
-    let out = String::from_utf8_lossy(&skewed.stdout).to_string();
-    assert_eq!(skewed.status.code(), Some(1), "{out}");
-    assert!(!out.contains("velocity: 0 of"), "{out}");
+    for served in [log.to_str().unwrap(), &log_topic] {
+        let skewed = skew(&wrong, served);
+        let out = String::from_utf8_lossy(&skewed.stdout).to_string();
+        assert_eq!(skewed.status.code(), Some(1), "{served}: {out}");
+        assert!(!out.contains("velocity: 0 of"), "{served}: {out}");
+    }
 }
 
 /// A child process killed when the test ends, passing or not.

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
@@ -16,77 +15,19 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SessionContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use lockstep_stream::topic::{Record, read_committed};
 use serde_json::Value as Json;
 
 use crate::{CompareError, Input};
 
-/// One message: key, value and headers.
-type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
-
 /// Every committed message of `topic`, partition by partition in offset order.
-fn read_topic(brokers: &str, topic: &str) -> Result<Vec<Record>, CompareError> {
+async fn read_topic(brokers: &str, topic: &str) -> Result<Vec<Record>, CompareError> {
     let location = format!("kafka://{brokers}/{topic}");
-    let failed = |message: String| CompareError::Input { location: location.clone(), message };
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("lockstep.compare.{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(|e| failed(e.to_string()))?;
-    let timeout = Duration::from_secs(30);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| failed(e.to_string()))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(failed("no such topic (or it has no partitions)".into()));
-    }
-    let mut assignment = TopicPartitionList::new();
-    let mut open = 0;
-    for &p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| failed(e.to_string()))?;
-        if high > low {
-            assignment.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| failed(e.to_string()))?;
-            open += 1;
-        }
-    }
-    let mut records = Vec::new();
-    if open == 0 {
-        return Ok(records);
-    }
-    consumer.assign(&assignment).map_err(|e| failed(e.to_string()))?;
-    let mut idle = std::time::Instant::now();
-    while open > 0 {
-        match consumer.poll(Duration::from_millis(500)) {
-            None if idle.elapsed() > Duration::from_secs(60) => {
-                return Err(failed("no progress for 60 s (an open transaction?)".into()));
-            }
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                open -= 1;
-                idle = std::time::Instant::now();
-            }
-            Some(Err(e)) => return Err(failed(e.to_string())),
-            Some(Ok(message)) => {
-                idle = std::time::Instant::now();
-                let headers = message
-                    .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-                    .unwrap_or_default();
-                records.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec), headers));
-            }
-        }
-    }
-    Ok(records)
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    let read = tokio::task::spawn_blocking(move || read_committed(&b, &t))
+        .await
+        .map_err(|e| CompareError::Input { location: location.clone(), message: e.to_string() })?;
+    read.map_err(|message| CompareError::Input { location, message })
 }
 
 /// The window records of a topic, as a table typed by `schema` (the other side's).
@@ -102,10 +43,7 @@ pub async fn read_windows(
         location: location.clone(),
         message: "one side of a comparison must be a table: its schema types the topic's JSON records".into(),
     })?;
-    let (brokers, topic) = (brokers.clone(), topic.clone());
-    let records = tokio::task::spawn_blocking(move || read_topic(&brokers, &topic))
-        .await
-        .map_err(|e| CompareError::Input { location: location.clone(), message: e.to_string() })??;
+    let records = read_topic(brokers, topic).await?;
     // The last record per key; a tombstone deletes.
     let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
     for (i, (key, _, _)) in records.iter().enumerate() {
@@ -136,10 +74,7 @@ pub async fn read_late(
     output: &SchemaRef,
 ) -> Result<Vec<RecordBatch>, CompareError> {
     let location = format!("kafka://{brokers}/{topic}");
-    let (b, t) = (brokers.to_string(), topic.to_string());
-    let records = tokio::task::spawn_blocking(move || read_topic(&b, &t))
-        .await
-        .map_err(|e| CompareError::Input { location: location.clone(), message: e.to_string() })??;
+    let records = read_topic(brokers, topic).await?;
     let mut fields: Vec<Field> = keys
         .iter()
         .map(|k| output.field_with_name(k).expect("keys were checked").clone().with_nullable(true))

@@ -24,6 +24,7 @@ use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use lockstep_batch::{BatchError, SessionLimits};
 use lockstep_features::Location;
+use lockstep_stream::topic::TopicUrl;
 use serde::Serialize;
 
 /// Why a comparison could not run.
@@ -63,15 +64,9 @@ impl Input {
     /// Reads `kafka://host:port/topic`, or a path or URL of a table (Delta when it holds a
     /// `_delta_log`, Parquet otherwise).
     pub fn parse(text: &str) -> Result<Input, CompareError> {
-        if let Some(rest) = text.strip_prefix("kafka://") {
-            let (brokers, topic) =
-                rest.split_once('/').filter(|(b, t)| !b.is_empty() && !t.is_empty()).ok_or_else(|| {
-                    CompareError::Input {
-                        location: text.into(),
-                        message: "a Kafka input is kafka://HOST:PORT/TOPIC".into(),
-                    }
-                })?;
-            return Ok(Input::Kafka { brokers: brokers.into(), topic: topic.into() });
+        let topic = TopicUrl::parse(text).map_err(|message| CompareError::Input { location: text.into(), message })?;
+        if let Some(TopicUrl { brokers, topic }) = topic {
+            return Ok(Input::Kafka { brokers, topic });
         }
         Ok(Input::Table(lockstep_batch::source::locate(text, None)))
     }

@@ -17,5 +17,6 @@ pub mod replay;
 pub mod rules;
 pub mod serve;
 pub mod skew;
+pub mod topic;
 
 pub use error::StreamError;

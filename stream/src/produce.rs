@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -24,19 +22,7 @@ pub fn produce_lines(
     progress: impl Fn(usize),
 ) -> Result<(), StreamError> {
     let kafka = |e: KafkaError| StreamError::Kafka(e.to_string());
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(kafka)?;
-    let created = futures::executor::block_on(
-        admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()),
-    )
-    .map_err(kafka)?;
-    for result in created {
-        if let Err((name, code)) = result
-            && code != RDKafkaErrorCode::TopicAlreadyExists
-        {
-            return Err(StreamError::Kafka(format!("cannot create topic `{name}`: {code}")));
-        }
-    }
+    crate::topic::create_if_missing(brokers, topic, partitions)?;
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")

@@ -8,7 +8,10 @@
 //!
 //! An answer is `{"feature_set", "key", "request_time", "window_start", "window_end",
 //! "values": {aggregate: value}}`; a key without that window gets counts 0 and nulls. With a log,
-//! every answer is also written as one JSON line, for `lockstep skew`.
+//! every answer is also written as one JSON line to a file, or as one record (keyed by feature
+//! set and key) to a Kafka topic, for `lockstep skew`. The topic is written by an idempotent
+//! producer in the background; on SIGTERM or Ctrl-C the server stops taking requests and waits
+//! for every logged answer to be acknowledged before it exits.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,8 +28,13 @@ use lockstep_features::window::{serving_cutoff, session_served};
 use lockstep_features::{CompiledFeature, Function, ValueType};
 use serde_json::{Map, Value as Json, json};
 
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
 use crate::error::StreamError;
 use crate::online::hash_name;
+use crate::topic::TopicUrl;
 
 /// Latency histogram bucket bounds, in microseconds.
 const BUCKETS_US: [u64; 12] = [100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 5_000, 10_000, 50_000, 250_000];
@@ -36,7 +44,7 @@ struct Server {
     /// Redis connections, one per concurrent request at most (taken and returned).
     pool: Mutex<Vec<redis::Connection>>,
     client: redis::Client,
-    log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    logs: Vec<AnswerLog>,
     requests: AtomicU64,
     errors: AtomicU64,
     latency: Vec<AtomicU64>,
@@ -48,27 +56,17 @@ pub async fn serve(
     features: Vec<CompiledFeature>,
     online: &str,
     listen: SocketAddr,
-    log: Option<&str>,
+    logs: &[String],
 ) -> Result<(), StreamError> {
     let client = redis::Client::open(online).map_err(|e| StreamError::Config(format!("online store {online}: {e}")))?;
     // Fail early when the store is not there.
     client.get_connection().map_err(|e| StreamError::Config(format!("online store {online}: {e}")))?;
-    let log = match log {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| StreamError::Config(format!("cannot open the log {path}: {e}")))?;
-            Some(Mutex::new(std::io::BufWriter::new(file)))
-        }
-        None => None,
-    };
+    let logs = logs.iter().map(|target| AnswerLog::open(target)).collect::<Result<Vec<_>, _>>()?;
     let server = Arc::new(Server {
         features: features.into_iter().map(|f| (f.feature.name.clone(), f)).collect(),
         pool: Mutex::new(Vec::new()),
         client,
-        log,
+        logs,
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         latency: BUCKETS_US.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -78,11 +76,142 @@ pub async fn serve(
         .route("/v1/features/{feature_set}/{key}", get(read_one))
         .route("/v1/features/{feature_set}", post(read_many))
         .route("/metrics", get(metrics))
-        .with_state(server);
+        .with_state(server.clone());
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| StreamError::Config(format!("{listen}: {e}")))?;
     tracing::info!(%listen, "serving features");
-    axum::serve(listener, app).await.map_err(|e| StreamError::Execution(e.to_string()))
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .map_err(|e| StreamError::Execution(e.to_string()))?;
+    tracing::info!("stopped taking requests; flushing the answer logs");
+    for log in &server.logs {
+        log.flush()?;
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+/// Where answers are logged: a JSON-lines file or a Kafka topic.
+enum AnswerLog {
+    File(Mutex<std::io::BufWriter<std::fs::File>>),
+    Topic { producer: ThreadedProducer<LogDelivery>, topic: String },
+}
+
+/// Counts answers the broker did not take (they are logged with tracing too).
+struct LogDelivery {
+    failed: Arc<AtomicU64>,
+}
+
+impl rdkafka::ClientContext for LogDelivery {}
+
+impl ProducerContext for LogDelivery {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "an answer was not logged");
+        }
+    }
+}
+
+impl AnswerLog {
+    /// `kafka://HOST:PORT/TOPIC` (created with one partition if missing) or a file path
+    /// (appended to).
+    fn open(target: &str) -> Result<AnswerLog, StreamError> {
+        if let Some(url) = TopicUrl::parse(target).map_err(StreamError::Config)? {
+            crate::topic::create_if_missing(&url.brokers, &url.topic, 1)?;
+            let producer = ClientConfig::new()
+                .set("bootstrap.servers", &url.brokers)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .set("compression.type", "lz4")
+                .create_with_context(LogDelivery { failed: Arc::new(AtomicU64::new(0)) })?;
+            return Ok(AnswerLog::Topic { producer, topic: url.topic });
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target)
+            .map_err(|e| StreamError::Config(format!("cannot open the log {target}: {e}")))?;
+        Ok(AnswerLog::File(Mutex::new(std::io::BufWriter::new(file))))
+    }
+
+    fn write(&self, answers: &[Json]) {
+        match self {
+            AnswerLog::File(file) => {
+                let mut file = file.lock().expect("not poisoned");
+                for answer in answers {
+                    let _ = serde_json::to_writer(&mut *file, answer);
+                    let _ = file.write_all(b"\n");
+                }
+                let _ = file.flush();
+            }
+            AnswerLog::Topic { producer, topic } => {
+                for answer in answers {
+                    let key = json!([answer["feature_set"], answer["key"]]).to_string();
+                    let payload = answer.to_string();
+                    let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+                    // A full queue waits for the broker rather than losing the answer.
+                    let sent = loop {
+                        match producer.send(record) {
+                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                                record = returned;
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                            other => break other,
+                        }
+                    };
+                    if let Err((error, _)) = sent {
+                        producer.context().failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "an answer was not logged");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until every answer is written (or acknowledged by the broker).
+    fn flush(&self) -> Result<(), StreamError> {
+        match self {
+            AnswerLog::File(file) => file
+                .lock()
+                .expect("not poisoned")
+                .flush()
+                .map_err(|e| StreamError::Execution(format!("the answer log: {e}"))),
+            AnswerLog::Topic { producer, topic } => {
+                producer.flush(std::time::Duration::from_secs(60))?;
+                match producer.context().failed.load(Ordering::Relaxed) {
+                    0 => Ok(()),
+                    n => Err(StreamError::Kafka(format!("{n} answers could not be logged to {topic}"))),
+                }
+            }
+        }
+    }
+
+    /// Answers that could not be logged so far.
+    fn failed(&self) -> u64 {
+        match self {
+            AnswerLog::File(_) => 0,
+            AnswerLog::Topic { producer, .. } => producer.context().failed.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A client error: status and message.
@@ -167,6 +296,9 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let _ = writeln!(out, "lockstep_serve_requests_total {}", server.requests.load(Ordering::Relaxed));
     let _ = writeln!(out, "# TYPE lockstep_serve_errors_total counter");
     let _ = writeln!(out, "lockstep_serve_errors_total {}", server.errors.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# TYPE lockstep_serve_log_failures_total counter");
+    let _ =
+        writeln!(out, "lockstep_serve_log_failures_total {}", server.logs.iter().map(AnswerLog::failed).sum::<u64>());
     let _ = writeln!(out, "# TYPE lockstep_serve_latency_seconds histogram");
     let mut cumulative = 0;
     for (bound, count) in BUCKETS_US.iter().zip(&server.latency) {
@@ -348,13 +480,8 @@ impl Server {
             self.pool.lock().expect("not poisoned").push(connection);
         }
         let answers = result?;
-        if let Some(log) = &self.log {
-            let mut log = log.lock().expect("not poisoned");
-            for answer in &answers {
-                let _ = serde_json::to_writer(&mut *log, answer);
-                let _ = log.write_all(b"\n");
-            }
-            let _ = log.flush();
+        for log in &self.logs {
+            log.write(&answers);
         }
         Ok(answers)
     }

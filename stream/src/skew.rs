@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::records::cell_json;
+use crate::topic::{TopicUrl, read_committed};
 
 /// One served value that differs from its offline value.
 #[derive(Debug, Clone, Serialize)]
@@ -39,21 +40,16 @@ pub struct FeatureSkew {
     pub examples: Vec<SkewExample>,
 }
 
-/// Checks the answers logged at `served` (JSON lines) against the offline values.
+/// Checks the answers logged at `served` (a JSON-lines file or `kafka://HOST:PORT/TOPIC`)
+/// against the offline values.
 pub async fn skew(
     features: &[CompiledFeature],
     served: &str,
     history: Option<Location>,
     limits: SessionLimits,
 ) -> Result<Vec<FeatureSkew>, BatchError> {
-    let text = std::fs::read_to_string(served)
-        .map_err(|e| BatchError::Input { location: served.into(), message: e.to_string() })?;
     let mut by_feature: BTreeMap<String, Vec<Json>> = BTreeMap::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let answer: Json = serde_json::from_str(line).map_err(|e| BatchError::Input {
-            location: format!("{served}:{}", n + 1),
-            message: format!("not a JSON answer: {e}"),
-        })?;
+    for answer in read_answers(served).await? {
         let name = answer.get("feature_set").and_then(Json::as_str).unwrap_or_default().to_string();
         by_feature.entry(name).or_default().push(answer);
     }
@@ -66,6 +62,35 @@ pub async fn skew(
         report.push(check(feature, &answers, served, history.clone(), limits.clone()).await?);
     }
     Ok(report)
+}
+
+/// The logged answers: JSON lines of a file, or the records of a topic
+/// (`kafka://HOST:PORT/TOPIC`, read_committed from the beginning to the end of each partition).
+async fn read_answers(served: &str) -> Result<Vec<Json>, BatchError> {
+    let failed = |location: String, message: String| BatchError::Input { location, message };
+    let Some(url) = TopicUrl::parse(served).map_err(|m| failed(served.into(), m))? else {
+        let text = std::fs::read_to_string(served).map_err(|e| failed(served.into(), e.to_string()))?;
+        let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        return lines
+            .map(|(n, line)| {
+                serde_json::from_str(line)
+                    .map_err(|e| failed(format!("{served}:{}", n + 1), format!("not a JSON answer: {e}")))
+            })
+            .collect();
+    };
+    let (brokers, topic) = (url.brokers.clone(), url.topic.clone());
+    let records = tokio::task::spawn_blocking(move || read_committed(&brokers, &topic))
+        .await
+        .map_err(|e| failed(served.into(), e.to_string()))?
+        .map_err(|m| failed(served.into(), m))?;
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, (_, value, _))| {
+            serde_json::from_slice(value.as_deref().unwrap_or_default())
+                .map_err(|e| failed(served.into(), format!("record {i} is not a JSON answer: {e}")))
+        })
+        .collect()
 }
 
 async fn check(

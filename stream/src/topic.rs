@@ -1,0 +1,141 @@
+//! Topics given by URL (`kafka://host:port[,host:port...]/topic`) and reading one whole: every
+//! committed record from the beginning of each partition to its end. `lockstep compare` reads
+//! output and late topics this way, `lockstep skew` a served-answers log.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::StreamError;
+
+/// A topic named by `kafka://BROKERS/TOPIC`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicUrl {
+    pub brokers: String,
+    pub topic: String,
+}
+
+impl TopicUrl {
+    /// `Ok(None)` when `text` is not a `kafka://` URL; an error when it is a malformed one.
+    pub fn parse(text: &str) -> Result<Option<TopicUrl>, String> {
+        let Some(rest) = text.strip_prefix("kafka://") else { return Ok(None) };
+        let (brokers, topic) = rest
+            .split_once('/')
+            .filter(|(b, t)| !b.is_empty() && !t.is_empty() && !t.contains('/'))
+            .ok_or_else(|| format!("{text}: a Kafka topic is kafka://HOST:PORT/TOPIC"))?;
+        Ok(Some(TopicUrl { brokers: brokers.into(), topic: topic.into() }))
+    }
+}
+
+impl std::fmt::Display for TopicUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kafka://{}/{}", self.brokers, self.topic)
+    }
+}
+
+/// Creates `topic` with `partitions` (replication 1) unless it exists. Blocking.
+pub fn create_if_missing(brokers: &str, topic: &str, partitions: i32) -> Result<(), StreamError> {
+    let kafka = |e: KafkaError| StreamError::Kafka(e.to_string());
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(kafka)?;
+    let created = futures::executor::block_on(
+        admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()),
+    )
+    .map_err(kafka)?;
+    for result in created {
+        if let Err((name, code)) = result
+            && code != RDKafkaErrorCode::TopicAlreadyExists
+        {
+            return Err(StreamError::Kafka(format!("cannot create topic `{name}`: {code}")));
+        }
+    }
+    Ok(())
+}
+
+/// One record: key, value and headers.
+pub type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+
+/// Every committed record of `topic`, partition by partition in offset order (read_committed,
+/// so aborted transactions are never seen). Blocking: call it off the async executor. Fails when
+/// the topic does not exist or a partition makes no progress for 60 s.
+pub fn read_committed(brokers: &str, topic: &str) -> Result<Vec<Record>, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("lockstep.read.{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(30);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err("no such topic (or it has no partitions)".into());
+    }
+    let mut assignment = TopicPartitionList::new();
+    let mut open = 0;
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| e.to_string())?;
+        if high > low {
+            assignment.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
+            open += 1;
+        }
+    }
+    let mut records = Vec::new();
+    if open == 0 {
+        return Ok(records);
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let mut idle = Instant::now();
+    while open > 0 {
+        match consumer.poll(Duration::from_millis(500)) {
+            None if idle.elapsed() > Duration::from_secs(60) => {
+                return Err("no progress for 60 s (an open transaction?)".into());
+            }
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                open -= 1;
+                idle = Instant::now();
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(message)) => {
+                idle = Instant::now();
+                let headers = message
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                    .unwrap_or_default();
+                records.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec), headers));
+            }
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_urls() {
+        assert_eq!(TopicUrl::parse("served.jsonl"), Ok(None));
+        let url = TopicUrl::parse("kafka://127.0.0.1:9092,127.0.0.1:9093/served").unwrap().unwrap();
+        assert_eq!(url.brokers, "127.0.0.1:9092,127.0.0.1:9093");
+        assert_eq!(url.topic, "served");
+        assert_eq!(url.to_string(), "kafka://127.0.0.1:9092,127.0.0.1:9093/served");
+        for bad in ["kafka://", "kafka://host:1", "kafka://host:1/", "kafka:///t", "kafka://h:1/a/b"] {
+            assert!(TopicUrl::parse(bad).unwrap_err().contains("kafka://HOST:PORT/TOPIC"), "{bad}");
+        }
+    }
+}

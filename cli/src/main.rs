@@ -15,6 +15,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lockstep_batch::{BatchJob, OutputFormat, OutputTarget, SessionLimits};
 use lockstep_features::{CompiledFeature, Definitions, FeatureSet, Location, compile_all, compile_feature};
 
+/// Window stages allocate many small partial states from several threads at once; mimalloc's
+/// per-thread heaps take that without the lock contention and fragmentation of the system
+/// allocator (measured in BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// lockstep: define windowed ML features once; compute them in batch and streaming with
 /// bit-identical results.
 #[derive(Parser)]

@@ -11,10 +11,13 @@
 //! Non-finite inputs are counted, not added: any NaN, or both infinities, give NaN; otherwise an
 //! infinity wins. Counting keeps retraction exact for them too. An exact zero rounds to `+0.0`.
 //!
-//! Representation: 68 signed 64-bit limbs, each holding a 32-bit "digit" plus room for lazy
+//! Representation: up to 68 signed 64-bit limbs, each holding a 32-bit "digit" plus room for lazy
 //! carries (the layout of Radford Neal's small superaccumulator). An addition touches at most three
-//! limbs; carries are propagated only every 2²⁹ operations or when rounding. Only the limbs in
-//! `lo..=hi` can be non-zero, which keeps merges of typical money amounts to a handful of limbs.
+//! limbs; carries are propagated only every 2²⁹ operations or when rounding. Only the limbs a sum
+//! has touched are stored (a short vector starting at limb `base`), and only those in `lo..=hi`
+//! can be non-zero: typical money amounts need three or four limbs, so a window's sum takes
+//! tens of bytes rather than the whole range's 544, and merges touch a handful of limbs. A
+//! normalized sum has every limb below the top one in `[0, 2³²)` and the sign in the top one.
 //!
 //! Written here rather than taken from a crate because the window engine needs three things the
 //! published exact-sum crates do not offer together: merging two partial states, retracting one,
@@ -31,9 +34,11 @@ const DIGIT_MASK: i64 = (1 << DIGIT_BITS) - 1;
 const CARRY_LIMIT: u32 = 1 << 29;
 
 /// An exact running sum of doubles; see the module documentation.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ExactSum {
-    limbs: [i64; LIMBS],
+    /// Limbs `base..base + limbs.len()`; every other limb is zero.
+    limbs: Vec<i64>,
+    base: usize,
     lo: usize,
     hi: usize,
     pending: u32,
@@ -44,9 +49,20 @@ pub struct ExactSum {
 
 impl Default for ExactSum {
     fn default() -> Self {
-        ExactSum { limbs: [0; LIMBS], lo: LIMBS, hi: 0, pending: 0, nan: 0, pos_inf: 0, neg_inf: 0 }
+        ExactSum { limbs: Vec::new(), base: 0, lo: LIMBS, hi: 0, pending: 0, nan: 0, pos_inf: 0, neg_inf: 0 }
     }
 }
+
+impl PartialEq for ExactSum {
+    /// The same state: counters, carry state and limbs (whatever storage each side reserved).
+    fn eq(&self, other: &Self) -> bool {
+        (self.nan, self.pos_inf, self.neg_inf, self.lo, self.hi, self.pending)
+            == (other.nan, other.pos_inf, other.neg_inf, other.lo, other.hi, other.pending)
+            && (self.lo..=self.hi).all(|limb| self.limb(limb) == other.limb(limb))
+    }
+}
+
+impl Eq for ExactSum {}
 
 impl fmt::Debug for ExactSum {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -58,6 +74,34 @@ impl ExactSum {
     /// An empty sum (exactly zero).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Limb `limb` (zero when not stored).
+    fn limb(&self, limb: usize) -> i64 {
+        limb.checked_sub(self.base).and_then(|i| self.limbs.get(i)).copied().unwrap_or(0)
+    }
+
+    /// Limb `limb`, stored from now on.
+    fn limb_mut(&mut self, limb: usize) -> &mut i64 {
+        self.cover(limb, limb);
+        &mut self.limbs[limb - self.base]
+    }
+
+    /// Stores limbs `from..=to` (zero where new).
+    fn cover(&mut self, from: usize, to: usize) {
+        if self.limbs.is_empty() {
+            self.base = from;
+            self.limbs.reserve_exact((to - from + 1).max(4));
+            self.limbs.resize(to - from + 1, 0);
+            return;
+        }
+        if from < self.base {
+            self.limbs.splice(0..0, std::iter::repeat_n(0, self.base - from));
+            self.base = from;
+        }
+        if to >= self.base + self.limbs.len() {
+            self.limbs.resize(to - self.base + 1, 0);
+        }
     }
 
     /// Adds `x` exactly.
@@ -108,7 +152,7 @@ impl ExactSum {
         for (offset, digit) in digits.into_iter().enumerate() {
             if digit != 0 {
                 let limb = index + offset;
-                self.limbs[limb] += if negative { -digit } else { digit };
+                *self.limb_mut(limb) += if negative { -digit } else { digit };
                 self.widen(limb);
             }
         }
@@ -141,9 +185,11 @@ impl ExactSum {
 
     fn combine_limbs(&mut self, other: &ExactSum, sign: i64) {
         self.make_room(other.pending.max(1));
+        self.cover(other.lo, other.hi);
         for limb in other.lo..=other.hi {
-            if other.limbs[limb] != 0 {
-                self.limbs[limb] += sign * other.limbs[limb];
+            let value = other.limb(limb);
+            if value != 0 {
+                self.limbs[limb - self.base] += sign * value;
                 self.widen(limb);
             }
         }
@@ -161,28 +207,33 @@ impl ExactSum {
         self.pending += operations;
     }
 
-    /// Moves every limb's carry into the next limb, leaving limbs `0..LIMBS-1` in `[0, 2³²)` and the
-    /// sign (and any overflow) in the top limb.
+    /// Moves every limb's carry into the next limb, leaving the limbs below the top one in
+    /// `[0, 2³²)` and the sign in the top one, which is left alone once within `(−2³², 2³²)`:
+    /// so a negative sum does not ripple a carry of −1 up to the last limb.
     fn propagate_carries(&mut self) {
         if self.lo > self.hi {
             self.pending = 0;
             return;
         }
-        for limb in self.lo..LIMBS - 1 {
-            let carry = self.limbs[limb] >> DIGIT_BITS;
+        let mut limb = self.lo;
+        loop {
+            let value = self.limb(limb);
+            let top_fits = limb >= self.hi && value.unsigned_abs() < 1 << DIGIT_BITS;
+            let carry = if top_fits { 0 } else { value >> DIGIT_BITS };
             if carry != 0 {
-                self.limbs[limb] -= carry << DIGIT_BITS;
-                self.limbs[limb + 1] += carry;
+                *self.limb_mut(limb) -= carry << DIGIT_BITS;
+                *self.limb_mut(limb + 1) += carry;
                 self.hi = self.hi.max(limb + 1);
             } else if limb >= self.hi {
                 break;
             }
+            limb += 1;
         }
         self.pending = 1;
-        while self.lo <= self.hi && self.limbs[self.lo] == 0 {
+        while self.lo <= self.hi && self.limb(self.lo) == 0 {
             self.lo += 1;
         }
-        while self.hi > self.lo && self.limbs[self.hi] == 0 {
+        while self.hi > self.lo && self.limb(self.hi) == 0 {
             self.hi -= 1;
         }
         if self.lo > self.hi {
@@ -223,10 +274,10 @@ impl ExactSum {
         }
         // After carry propagation every limb but the top one is a digit in [0, 2^32), so the top
         // limb alone carries the sign.
-        let negative = magnitude.limbs[LIMBS - 1] < 0;
+        let negative = magnitude.limb(magnitude.hi) < 0;
         if negative {
             for limb in magnitude.lo..=magnitude.hi {
-                magnitude.limbs[limb] = -magnitude.limbs[limb];
+                *magnitude.limb_mut(limb) = -magnitude.limb(limb);
             }
             magnitude.propagate_carries();
         }
@@ -244,7 +295,7 @@ impl ExactSum {
         }
         let mut total: i128 = 0;
         for limb in (self.lo..=self.hi).rev() {
-            total = (total << DIGIT_BITS) + self.limbs[limb] as i128;
+            total = (total << DIGIT_BITS) + self.limb(limb) as i128;
         }
         if total == 0 {
             return Some(0.0);
@@ -258,7 +309,7 @@ impl ExactSum {
     /// Rounds a normalized, non-negative, non-zero magnitude.
     fn round_positive(&self) -> f64 {
         let top = self.hi;
-        let top_digit = self.limbs[top] as u64;
+        let top_digit = self.limb(top) as u64;
         // Position of the highest set bit, in units of 2^-1074.
         let mut high_bit = top as i64 * DIGIT_BITS as i64 + 63 - top_digit.leading_zeros() as i64;
         if high_bit < 53 {
@@ -290,7 +341,7 @@ impl ExactSum {
         let first_limb = (from / DIGIT_BITS as i64) as usize;
         let mut out: u128 = 0;
         for (i, limb) in (first_limb..LIMBS).take(3).enumerate() {
-            out |= (self.limbs[limb] as u64 as u128) << (i as u32 * DIGIT_BITS);
+            out |= (self.limb(limb) as u64 as u128) << (i as u32 * DIGIT_BITS);
         }
         let shifted = out >> (from % DIGIT_BITS as i64);
         (shifted & ((1u128 << count) - 1)) as u64
@@ -300,10 +351,10 @@ impl ExactSum {
     fn any_below(&self, position: i64) -> bool {
         let limb = (position / DIGIT_BITS as i64) as usize;
         let within = position % DIGIT_BITS as i64;
-        if self.limbs[..limb].iter().any(|&digit| digit != 0) {
+        if (self.lo..limb).any(|below| self.limb(below) != 0) {
             return true;
         }
-        within > 0 && (self.limbs[limb] as u64) & ((1u64 << within) - 1) != 0
+        within > 0 && (self.limb(limb) as u64) & ((1u64 << within) - 1) != 0
     }
 
     /// A compact encoding of the exact state, for changelogs and Arrow state columns.
@@ -318,7 +369,7 @@ impl ExactSum {
             out.push(normalized.lo as u8);
             out.push(normalized.hi as u8);
             for limb in normalized.lo..=normalized.hi {
-                out.extend_from_slice(&normalized.limbs[limb].to_le_bytes());
+                out.extend_from_slice(&normalized.limb(limb).to_le_bytes());
             }
         }
         out
@@ -336,9 +387,10 @@ impl ExactSum {
         if lo > hi || hi >= LIMBS || bytes.len() != 26 + (hi - lo + 1) * 8 {
             return None;
         }
+        sum.cover(lo, hi);
         for (i, limb) in (lo..=hi).enumerate() {
             let at = 26 + i * 8;
-            sum.limbs[limb] = i64::from_le_bytes(bytes[at..at + 8].try_into().ok()?);
+            *sum.limb_mut(limb) = i64::from_le_bytes(bytes[at..at + 8].try_into().ok()?);
         }
         sum.lo = lo;
         sum.hi = hi;
@@ -413,6 +465,39 @@ mod tests {
         sum.pending = CARRY_LIMIT + 5;
         sum.merge(&other);
         assert_eq!(sum.to_f64(), 0.0);
+    }
+
+    #[test]
+    fn sums_store_only_the_limbs_they_touch() {
+        // Money amounts, ending negative: a few limbs, and normalizing does not ripple the sign
+        // up to the last limb.
+        let mut sum = ExactSum::new();
+        for i in 0..10_000 {
+            sum.add(if i % 3 == 0 { 12.34 } else { -9.99 });
+        }
+        assert!(sum.limbs.len() <= 4, "{} limbs", sum.limbs.len());
+        assert_eq!(sum.to_f64(), reference(&[vec![12.34; 3334], vec![-9.99; 6666]].concat()));
+        assert!(sum.to_bytes().len() <= 24 + 2 + 3 * 8, "{} bytes", sum.to_bytes().len());
+        let back = ExactSum::from_bytes(&sum.to_bytes()).unwrap();
+        assert_eq!(back.to_f64().to_bits(), sum.to_f64().to_bits());
+        // A much smaller value extends the stored limbs downwards, a much larger one upwards.
+        sum.add(1e-300);
+        sum.add(-1e300);
+        sum.add(1e300);
+        let mut expected = vec![12.34; 3334];
+        expected.extend(vec![-9.99; 6666]);
+        expected.push(1e-300);
+        assert_eq!(sum.to_f64().to_bits(), reference(&expected).to_bits());
+        // Equal states compare equal whatever limbs each stored.
+        let mut a = ExactSum::new();
+        a.add(1.0);
+        let mut b = ExactSum::new();
+        b.add(1e-300);
+        b.add(1.0);
+        b.sub(1e-300);
+        b.propagate_carries();
+        a.propagate_carries();
+        assert_eq!(a, b);
     }
 
     fn interesting_double() -> impl Strategy<Value = f64> {

@@ -1,8 +1,10 @@
 //! The streaming job: consumes a source topic from Kafka, runs the shared window and aggregate
 //! kernels of `lockstep-features`, and commits output, state and offsets in one transaction.
 //!
-//! So far: [`rules`], the pure decisions of SPEC §4 (watermarks, lateness, firing, release).
-//! The Kafka runtime, state changelog and replay source are being built on top of them.
+//! [`rules`] holds the pure decisions of SPEC §4 (watermarks, lateness, firing, release);
+//! [`engine`] runs them per input partition; [`kafka`] is the exactly-once worker, [`replay`] the
+//! broker-less source, [`online`] the Redis store that [`serve`] reads and [`skew`] checks, and
+//! [`topic`] reads whole topics for `compare` and `skew`.
 
 pub mod collect;
 pub mod decode;

@@ -506,6 +506,12 @@ fn read_parquet(path: &Path) -> Vec<RecordBatch> {
 async fn the_online_store_holds_the_latest_windows_of_each_key() {
     let Some(brokers) = brokers() else { return };
     let Some(redis_url) = service("REDIS_URL") else { return };
+    // A database of its own, emptied first: hashes left by an earlier run carry versions that
+    // would (rightly) keep this run's windows out.
+    let redis_url = format!("{}/3", redis_url.trim_end_matches('/'));
+    let _: () = redis::cmd("FLUSHDB")
+        .query(&mut redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap())
+        .unwrap();
     let fixture = Fixture::new(&brokers, "online", 2, options(5_000, 12), "7h").await;
     fixture.run("velocity", &unique("g"), &["--online", &redis_url]);
     let got = last_values(&read_topic(&brokers, &fixture.output));

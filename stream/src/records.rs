@@ -21,7 +21,7 @@
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMillisecondType};
-use serde_json::{Map, Number, Value as Json};
+use serde_json::{Number, Value as Json};
 
 /// The JSON value of one cell.
 pub fn cell_json(column: &ArrayRef, row: usize) -> Json {
@@ -50,38 +50,131 @@ pub fn float_json(x: f64) -> Json {
     }
 }
 
-/// The record key of a window: its key columns and `window_start`.
-pub fn window_key(batch: &RecordBatch, keys: usize, row: usize) -> Vec<u8> {
-    let mut object = Map::new();
-    for (i, field) in batch.schema().fields().iter().enumerate().take(keys) {
-        object.insert(field.name().clone(), cell_json(batch.column(i), row));
+/// Appends the JSON text of one cell: the text [`cell_json`] serializes to, written straight
+/// from the Arrow column (fired windows are the streaming job's bulk output).
+fn write_cell(out: &mut Vec<u8>, column: &ArrayRef, row: usize) {
+    use std::io::Write as _;
+    if column.is_null(row) {
+        out.extend_from_slice(b"null");
+        return;
     }
-    object.insert("window_start".into(), cell_json(batch.column(keys), row));
-    serde_json::to_vec(&Json::Object(object)).expect("JSON values serialize")
+    let written = match column.data_type() {
+        DataType::Int64 => write!(out, "{}", column.as_primitive::<Int64Type>().value(row)),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            write!(out, "{}", column.as_primitive::<TimestampMillisecondType>().value(row))
+        }
+        DataType::Float64 => {
+            let x = column.as_primitive::<Float64Type>().value(row);
+            match x {
+                x if x.is_finite() => serde_json::to_writer(&mut *out, &x).map_err(std::io::Error::from),
+                x if x.is_nan() => out.write_all(b"\"NaN\""),
+                x if x > 0.0 => out.write_all(b"\"Infinity\""),
+                _ => out.write_all(b"\"-Infinity\""),
+            }
+        }
+        DataType::Utf8 => serde_json::to_writer(&mut *out, column.as_string::<i32>().value(row)).map_err(Into::into),
+        DataType::Boolean => out.write_all(if column.as_boolean().value(row) { b"true" } else { b"false" }),
+        _ => serde_json::to_writer(&mut *out, &cell_json(column, row)).map_err(Into::into),
+    };
+    written.expect("writing to a Vec cannot fail");
+}
+
+/// Appends `"name":` (the name escaped as JSON), after a comma unless the object is empty so far.
+fn write_name(out: &mut Vec<u8>, name: &str) {
+    if out.last() != Some(&b'{') {
+        out.push(b',');
+    }
+    serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
+    out.push(b':');
+}
+
+/// The record key of a window: its key columns and `window_start`, in that order.
+pub fn window_key(batch: &RecordBatch, keys: usize, row: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(b'{');
+    for (i, field) in batch.schema_ref().fields().iter().enumerate().take(keys + 1) {
+        write_name(&mut out, field.name());
+        write_cell(&mut out, batch.column(i), row);
+    }
+    out.push(b'}');
+    out
 }
 
 /// The record key of a window given as key columns (one row each) and a start.
 pub fn window_key_of(names: &[String], key_columns: &[ArrayRef], row: usize, start: i64) -> Vec<u8> {
-    let mut object = Map::new();
+    let mut out = Vec::with_capacity(64);
+    out.push(b'{');
     for (name, column) in names.iter().zip(key_columns) {
-        object.insert(name.clone(), cell_json(column, row));
+        write_name(&mut out, name);
+        write_cell(&mut out, column, row);
     }
-    object.insert("window_start".into(), Json::from(start));
-    serde_json::to_vec(&Json::Object(object)).expect("JSON values serialize")
+    write_name(&mut out, "window_start");
+    out.extend_from_slice(start.to_string().as_bytes());
+    out.push(b'}');
+    out
 }
 
-/// The record value of a window: the whole row.
+/// The record value of a window: the whole row, in the output schema's order (SPEC §2).
 pub fn window_value(batch: &RecordBatch, row: usize) -> Vec<u8> {
-    let mut object = Map::new();
-    for (i, field) in batch.schema().fields().iter().enumerate() {
-        object.insert(field.name().clone(), cell_json(batch.column(i), row));
+    let mut out = Vec::with_capacity(256);
+    out.push(b'{');
+    for (i, field) in batch.schema_ref().fields().iter().enumerate() {
+        write_name(&mut out, field.name());
+        write_cell(&mut out, batch.column(i), row);
     }
-    serde_json::to_vec(&Json::Object(object)).expect("JSON values serialize")
+    out.push(b'}');
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{Field, Schema};
+
     use super::*;
+
+    #[test]
+    fn window_records_are_written_in_schema_order_with_exact_values() {
+        let schema = Schema::new(vec![
+            Field::new("zone \"q\"", DataType::Utf8, true),
+            Field::new("id", DataType::Int64, true),
+            Field::new("window_start", lockstep_features::value::timestamp_type(), false),
+            Field::new("window_end", lockstep_features::value::timestamp_type(), false),
+            Field::new("sum", DataType::Float64, true),
+            Field::new("flag", DataType::Boolean, true),
+        ]);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![Some("a\"b\\c\u{1}é"), None, Some("")])),
+            Arc::new(Int64Array::from(vec![Some(-7), Some(i64::MIN), None])),
+            Arc::new(TimestampMillisecondArray::from(vec![-60_000, 0, 1_767_571_200_000]).with_timezone("UTC")),
+            Arc::new(TimestampMillisecondArray::from(vec![0, 60_000, 1_767_574_800_000]).with_timezone("UTC")),
+            Arc::new(Float64Array::from(vec![Some(0.1), Some(f64::NAN), Some(-f64::INFINITY)])),
+            Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)])),
+        ];
+        let batch = RecordBatch::try_new(Arc::new(schema), columns).unwrap();
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+        assert_eq!(
+            text(window_value(&batch, 0)),
+            r#"{"zone \"q\"":"a\"b\\c\u0001é","id":-7,"window_start":-60000,"window_end":0,"sum":0.1,"flag":true}"#
+        );
+        assert_eq!(
+            text(window_value(&batch, 1)),
+            r#"{"zone \"q\"":null,"id":-9223372036854775808,"window_start":0,"window_end":60000,"sum":"NaN","flag":null}"#
+        );
+        assert_eq!(text(window_key(&batch, 2, 2)), r#"{"zone \"q\"":"","id":null,"window_start":1767571200000}"#);
+        let key_columns = [batch.column(0).clone(), batch.column(1).clone()];
+        let names = ["zone \"q\"".to_string(), "id".to_string()];
+        assert_eq!(window_key_of(&names, &key_columns, 2, 1_767_571_200_000), window_key(&batch, 2, 2));
+        // Every cell reads back as the value `cell_json` gives.
+        for row in 0..3 {
+            let value: Json = serde_json::from_slice(&window_value(&batch, row)).unwrap();
+            for (i, field) in batch.schema_ref().fields().iter().enumerate() {
+                assert_eq!(value[field.name()], cell_json(batch.column(i), row), "{} of row {row}", field.name());
+            }
+        }
+    }
 
     #[test]
     fn floats_keep_their_bits_through_json() {

@@ -309,12 +309,7 @@ impl StageState {
         let feature = self.stage.feature.clone();
         let specs = &self.stage.specs;
         let counters = &self.stage.counters;
-        counters.events.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        for row in 0..batch.num_rows() {
-            let Some(time) = stage.time(row) else {
-                counters.null_times.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
+        for (row, time) in timed_rows(&stage, batch.num_rows(), counters) {
             let key = keys.row(row);
             if self.key.as_ref().is_none_or(|k| k.row() != key) {
                 if self.key.take().is_some() {
@@ -396,6 +391,23 @@ fn finish_key(assembler: &mut Assembler, sink: &mut RowSink, feature: &str) -> R
     }
 }
 
+/// The rows of a stage batch of `rows` rows that have an event time, with that time. Counts
+/// the batch's events, and the rows without a time (which both window stages skip).
+fn timed_rows<'a>(
+    stage: &'a StageBatch<'_>,
+    rows: usize,
+    counters: &'a StageCounters,
+) -> impl Iterator<Item = (usize, i64)> + 'a {
+    counters.events.fetch_add(rows as u64, Ordering::Relaxed);
+    (0..rows).filter_map(move |row| {
+        let time = stage.time(row);
+        if time.is_none() {
+            counters.null_times.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(row).zip(time)
+    })
+}
+
 /// The wanted windows of one key in one partition: their starts (ascending) and, once an event
 /// falls in one, its partial states.
 struct KeyWindows {
@@ -454,13 +466,8 @@ impl WantedState {
         let layout = &self.stage.layout;
         let keys = self.converter.convert_columns(&batch.columns()[..layout.keys])?;
         let stage = StageBatch::new(layout, batch)?;
-        let (specs, counters, panes) = (&self.stage.specs, &self.stage.counters, self.panes);
-        counters.events.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        for row in 0..batch.num_rows() {
-            let Some(time) = stage.time(row) else {
-                counters.null_times.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
+        let (specs, panes) = (&self.stage.specs, self.panes);
+        for (row, time) in timed_rows(&stage, batch.num_rows(), &self.stage.counters) {
             let key = keys.row(row);
             let windows = match self.keys.get_mut(key.as_ref()) {
                 Some(windows) => windows,

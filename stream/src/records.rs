@@ -109,7 +109,7 @@ pub fn window_key_of(names: &[String], key_columns: &[ArrayRef], row: usize, sta
         write_cell(&mut out, column, row);
     }
     write_name(&mut out, "window_start");
-    out.extend_from_slice(start.to_string().as_bytes());
+    std::io::Write::write_fmt(&mut out, format_args!("{start}")).expect("writing to a Vec cannot fail");
     out.push(b'}');
     out
 }

@@ -33,7 +33,7 @@ use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConve
 use lockstep_features::{AggregateSpec, StageLayout, ValueType, Window};
 
 use crate::error::BatchError;
-use crate::exec::{FeatureWindowExec, StageCounters, WantedWindows, WindowStage};
+use crate::exec::{FeatureWindowExec, Spread, StageCounters, WantedWindows, WindowStage};
 use crate::plan::{FeatureWindowNode, SessionLimits};
 
 /// The first bytes of every plan node lockstep encodes; anything else belongs to Ballista.
@@ -106,6 +106,8 @@ pub fn decode_stage(buf: &[u8]) -> Result<Option<WindowStage>> {
         output_schema,
         counters: Arc::new(StageCounters::default()),
         wanted,
+        // A cluster's window stage runs in the hash-partitioned tasks its stages are cut into.
+        spread: Spread::Partitions,
     }))
 }
 

@@ -1,21 +1,30 @@
 //! `FeatureWindowExec`: the window stage of the batch job as a DataFusion operator.
 //!
 //! Its input is the feature's stage columns (keys, event time, aggregate arguments and `FILTER`
-//! masks; see [`StageLayout`]) hash-partitioned by key and sorted by key, then event time, in each
-//! partition. It walks each key's events once: events update the partial state of their pane (or
-//! session), finished panes go to a [`PaneSlider`], and every window the slider emits is evaluated
-//! and appended to the output. Memory is one key's live panes plus one output batch; the sort
-//! before it spills to disk under the session's memory limit.
+//! masks; see [`StageLayout`]) sorted by key, then event time. It walks each key's events once:
+//! events update the partial state of their pane (or session), finished panes go to a
+//! [`PaneSlider`], and every window the slider emits is evaluated and appended to the output.
+//! Memory is one key's live panes plus one output batch; the sort before it spills to disk under
+//! the session's memory limit.
 //!
-//! Output rows come out ordered by key, then `window_start`, in each partition.
+//! Keys are spread over the cores in one of two ways ([`Spread`]):
+//! - **partitions**: input hash-partitioned by key and sorted in each partition; output rows are
+//!   ordered by key, then `window_start`, in each partition (a cluster's stages, and outputs
+//!   ordered by time, which are sorted again anyway);
+//! - **key runs**: one input stream sorted by key, then event time (a merge of sorted partitions),
+//!   cut into runs of whole keys that run concurrently on the session's threads. Their rows come
+//!   out in run order, so the output is one stream ordered by key, then `window_start`, without
+//!   merging output rows, which outnumber events by the windows each event falls in.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arrow::array::RecordBatch;
+use arrow::array::{RecordBatch, make_comparator};
+use arrow::compute::SortOptions;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -56,6 +65,19 @@ pub struct WindowStage {
     pub counters: Arc<StageCounters>,
     /// When set, only these windows are written (training sets need few of them).
     pub wanted: Option<Arc<WantedWindows>>,
+    /// How keys are spread over the cores.
+    pub spread: Spread,
+}
+
+/// How the window stage spreads keys over the cores; see the module documentation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Spread {
+    /// Hash partitions by key, each sorted; output ordered by key in each partition.
+    #[default]
+    Partitions,
+    /// One stream sorted by key, cut into runs of whole keys that run concurrently; output is
+    /// one stream ordered by key, then `window_start`.
+    KeyRuns,
 }
 
 /// The windows a job must write, by key (in the Arrow row format of the key columns) and
@@ -99,7 +121,14 @@ impl WindowStage {
             output_schema: feature.output_schema(),
             counters,
             wanted: None,
+            spread: Spread::Partitions,
         }
+    }
+
+    /// Whether the stage runs key runs of one sorted stream ([`Spread::KeyRuns`]); only a stage
+    /// with keys and over every window can.
+    fn runs_keys(&self) -> bool {
+        self.spread == Spread::KeyRuns && self.layout.keys > 0 && !self.picks_wanted()
     }
 
     /// Whether the stage computes just its wanted windows, straight from unsorted events
@@ -160,7 +189,7 @@ impl FeatureWindowExec {
         if !stage.picks_wanted() {
             equivalences.add_ordering(ordering);
         }
-        let partitioning = if keys.is_empty() {
+        let partitioning = if keys.is_empty() || stage.runs_keys() {
             Partitioning::UnknownPartitioning(1)
         } else {
             Partitioning::UnknownPartitioning(input.output_partitioning().partition_count())
@@ -180,7 +209,11 @@ impl FeatureWindowExec {
 
 impl DisplayAs for FeatureWindowExec {
     fn fmt_as(&self, _format: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "FeatureWindowExec: {}", self.stage.describe())
+        write!(f, "FeatureWindowExec: {}", self.stage.describe())?;
+        if self.stage.runs_keys() {
+            write!(f, ", in concurrent runs of whole keys")?;
+        }
+        Ok(())
     }
 }
 
@@ -209,7 +242,7 @@ impl ExecutionPlan for FeatureWindowExec {
     }
 
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        if self.keys.is_empty() {
+        if self.keys.is_empty() || self.stage.runs_keys() {
             vec![Distribution::SinglePartition]
         } else {
             vec![Distribution::KeyPartitioned(self.keys.clone())]
@@ -236,6 +269,10 @@ impl ExecutionPlan for FeatureWindowExec {
         if self.stage.picks_wanted() {
             return WantedState::new(&self.stage, batch_size)?.stream(input);
         }
+        if self.stage.runs_keys() {
+            let tasks = context.session_config().target_partitions().max(1);
+            return Ok(key_runs(self.stage.clone(), input, batch_size, tasks));
+        }
         let state = StageState::new(&self.stage, batch_size)?;
         let schema = self.stage.output_schema.clone();
         let stream = futures::stream::unfold(Some((input, state)), |current| async move {
@@ -259,6 +296,130 @@ impl ExecutionPlan for FeatureWindowExec {
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
+}
+
+/// Batches of events per key run, at least (a run ends where a key does). A run's output rows,
+/// its events times the windows each falls in, are held until the rows before them are out.
+const RUN_BATCHES: usize = 2;
+
+/// The window stage over one stream sorted by key, then event time ([`Spread::KeyRuns`]): the
+/// stream is cut into runs of whole keys, up to `tasks` of which compute at once, each on a
+/// fresh [`StageState`]; their output batches come out in run order.
+fn key_runs(
+    stage: WindowStage,
+    input: SendableRecordBatchStream,
+    batch_size: usize,
+    tasks: usize,
+) -> SendableRecordBatchStream {
+    let schema = stage.output_schema.clone();
+    let keys = stage.layout.keys;
+    let cutter = KeyRunCutter { min_rows: RUN_BATCHES * batch_size, pending: Vec::new(), rows: 0 };
+    let runs = futures::stream::unfold(Some((input, cutter)), move |current| async move {
+        let (mut input, mut cutter) = current?;
+        loop {
+            match input.next().await {
+                Some(Ok(batch)) => match cutter.push(batch, keys) {
+                    Ok(Some(run)) => return Some((Ok(run), Some((input, cutter)))),
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(e), None)),
+                },
+                Some(Err(e)) => return Some((Err(e), None)),
+                None => return cutter.rest().map(|run| (Ok(run), None)),
+            }
+        }
+    });
+    let windows = runs
+        .map(move |run: Result<Vec<RecordBatch>>| {
+            let stage = stage.clone();
+            async move {
+                let run = run?;
+                SpawnedTask::spawn(async move { window_run(&stage, batch_size, &run) })
+                    .join_unwind()
+                    .await
+                    .map_err(|e| DataFusionError::ExecutionJoin(Box::new(e)))?
+            }
+        })
+        .buffered(tasks + 1)
+        .map(|result: Result<Vec<RecordBatch>>| match result {
+            Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).left_stream(),
+            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+        })
+        .flatten();
+    Box::pin(RecordBatchStreamAdapter::new(schema, windows))
+}
+
+/// The output batches of one run of whole keys, in order.
+fn window_run(stage: &WindowStage, batch_size: usize, run: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+    let mut state = StageState::new(stage, batch_size)?;
+    for batch in run {
+        state.consume(batch)?;
+    }
+    state.finish()?;
+    // `ready` is popped from the back.
+    state.ready.reverse();
+    Ok(state.ready)
+}
+
+/// Cuts a stream sorted by key into runs of whole keys of at least `min_rows` rows: the rows of
+/// the last key seen stay pending, as it may go on in the next batch.
+struct KeyRunCutter {
+    min_rows: usize,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+}
+
+impl KeyRunCutter {
+    /// Takes the next batch; returns a run once enough whole keys are pending.
+    fn push(&mut self, batch: RecordBatch, keys: usize) -> Result<Option<Vec<RecordBatch>>> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(None);
+        }
+        if self.rows + rows < self.min_rows {
+            self.rows += rows;
+            self.pending.push(batch);
+            return Ok(None);
+        }
+        let cut = last_key_start(&batch, keys)?;
+        if cut == 0 {
+            // One key fills the batch: it may go on, so the run cannot end here.
+            self.rows += rows;
+            self.pending.push(batch);
+            return Ok(None);
+        }
+        let mut run = std::mem::take(&mut self.pending);
+        run.push(batch.slice(0, cut));
+        self.pending.push(batch.slice(cut, rows - cut));
+        self.rows = rows - cut;
+        Ok(Some(run))
+    }
+
+    /// The rows still pending, at the end of the input.
+    fn rest(&mut self) -> Option<Vec<RecordBatch>> {
+        self.rows = 0;
+        Some(std::mem::take(&mut self.pending)).filter(|run| !run.is_empty())
+    }
+}
+
+/// The first row of `batch` (sorted by its first `keys` columns) whose key is its last row's.
+fn last_key_start(batch: &RecordBatch, keys: usize) -> Result<usize> {
+    let last = batch.num_rows() - 1;
+    let comparators = batch.columns()[..keys]
+        .iter()
+        .map(|column| Ok(make_comparator(column.as_ref(), column.as_ref(), SortOptions::default())?))
+        .collect::<Result<Vec<_>>>()?;
+    let before_last = |row: usize| comparators.iter().map(|compare| compare(row, last)).any(|o| o.is_ne());
+    // Rows before the last key's first row hold smaller keys: binary search for the boundary.
+    let (mut low, mut high) = (0, last);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if before_last(middle) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(low)
 }
 
 /// Per-key window assembly for either kind of window.
@@ -502,7 +663,8 @@ impl WantedState {
             for (start, states) in windows.starts.iter().zip(&windows.states) {
                 let Some(states) = states else { continue };
                 let end = self.panes.window_end(self.panes.pane_of(*start));
-                sink.append(WindowRow { start: *start, end, states: WindowStates::Merged(states) }, &feature)?;
+                let row = WindowRow { start: *start, end, states: WindowStates::Merged(states), repeats: false };
+                sink.append(row, &feature)?;
                 if sink.rows >= self.batch_size {
                     flush(&mut sink, &self.converter, &self.stage.counters, &mut ready)?;
                 }
@@ -512,5 +674,78 @@ impl WantedState {
         // `flush` queues batches for popping from the back; hand them out in order.
         ready.reverse();
         Ok(ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    /// Batches of (key, n) rows sorted by key, cut at arbitrary places.
+    fn sorted_batches(keys: &[(Option<&str>, usize)], cuts: &[usize]) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let names: Vec<Option<&str>> = keys.iter().flat_map(|(k, count)| std::iter::repeat_n(*k, *count)).collect();
+        let all = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(names.clone())),
+                Arc::new(Int64Array::from_iter_values(0..names.len() as i64)),
+            ],
+        )
+        .unwrap();
+        let mut bounds: Vec<usize> = cuts.iter().copied().filter(|c| *c < names.len()).collect();
+        bounds.extend([0, names.len()]);
+        bounds.sort_unstable();
+        bounds.dedup();
+        bounds.windows(2).map(|w| all.slice(w[0], w[1] - w[0])).collect()
+    }
+
+    fn key_at(batch: &RecordBatch, row: usize) -> Option<String> {
+        let keys = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        keys.is_valid(row).then(|| keys.value(row).to_string())
+    }
+
+    #[test]
+    fn key_runs_hold_whole_keys_in_order() {
+        // A null key first (nulls sort first), a key spanning several batches, single-row keys.
+        let keys = [(None, 3), (Some("a"), 1), (Some("b"), 9), (Some("c"), 1), (Some("d"), 2), (Some("e"), 4)];
+        for min_rows in [1, 2, 5, 8, 100] {
+            for cuts in [vec![], vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], vec![3, 4, 7, 13]]
+            {
+                let mut cutter = KeyRunCutter { min_rows, pending: Vec::new(), rows: 0 };
+                let mut runs = Vec::new();
+                for batch in sorted_batches(&keys, &cuts) {
+                    runs.extend(cutter.push(batch, 1).unwrap());
+                }
+                runs.extend(cutter.rest());
+                let ns: Vec<i64> = runs
+                    .iter()
+                    .flatten()
+                    .flat_map(|b| b.column(1).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec())
+                    .collect();
+                assert_eq!(ns, (0..20).collect::<Vec<_>>(), "every row once, in order ({min_rows}, {cuts:?})");
+                for pair in runs.windows(2) {
+                    let (before, after) = (pair[0].last().unwrap(), pair[1].first().unwrap());
+                    let rows: usize = pair[0].iter().map(RecordBatch::num_rows).sum();
+                    assert!(rows >= min_rows, "a run before the last has at least {min_rows} rows");
+                    assert_ne!(key_at(before, before.num_rows() - 1), key_at(after, 0), "a key split over runs");
+                }
+                assert!(runs.iter().flatten().all(|b| b.num_rows() > 0));
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_key_starts_where_its_rows_begin() {
+        let batch = sorted_batches(&[(None, 2), (Some("x"), 3), (Some("y"), 2)], &[]).remove(0);
+        assert_eq!(last_key_start(&batch, 1).unwrap(), 5);
+        assert_eq!(last_key_start(&batch.slice(0, 5), 1).unwrap(), 2);
+        assert_eq!(last_key_start(&batch.slice(0, 2), 1).unwrap(), 0);
+        assert_eq!(last_key_start(&batch.slice(6, 1), 1).unwrap(), 0);
     }
 }

@@ -27,7 +27,7 @@ pub use exec::StageCounters;
 pub use output::{OutputFormat, OutputTarget};
 pub use plan::SessionLimits;
 
-use crate::exec::WindowStage;
+use crate::exec::{Spread, WindowStage};
 use crate::plan::FeatureWindowNode;
 
 /// The commit metadata field of an output Delta table holding the history version its rows
@@ -80,7 +80,7 @@ pub fn in_ranges(
 }
 
 /// The order of a job's rows.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RowOrder {
     /// By key, then `window_start`.
     Key,
@@ -186,6 +186,11 @@ impl BatchJob {
         let staged = builder.project(self.feature.stage_exprs())?.build()?;
         let mut stage = WindowStage::new(&self.feature, self.counters.clone());
         stage.wanted = self.wanted.clone();
+        if order == RowOrder::Key && self.limits.cluster.is_none() {
+            // Rows ordered by key come straight from concurrent runs of whole keys, without a
+            // merge of output rows; a cluster spreads keys over its tasks by hash instead.
+            stage.spread = Spread::KeyRuns;
+        }
         let mut windowed = LogicalPlanBuilder::from(FeatureWindowNode::try_new(stage, staged)?.into_plan());
         if let Some(ranges) = &self.ranges {
             windowed = windowed.filter(in_ranges(

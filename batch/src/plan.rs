@@ -161,6 +161,8 @@ pub struct SessionLimits {
     pub partitions: usize,
     /// A Ballista scheduler (`df://host:port`) to run plans on; `None` runs them in this process.
     pub cluster: Option<String>,
+    /// Rows per batch between operators (tests make it small to cross many batch edges).
+    pub batch_size: usize,
 }
 
 impl Default for SessionLimits {
@@ -169,6 +171,7 @@ impl Default for SessionLimits {
             memory_limit: 1 << 30,
             partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cluster: None,
+            batch_size: 8192,
         }
     }
 }
@@ -182,7 +185,7 @@ pub fn runtime(limits: &SessionLimits) -> Result<Arc<datafusion::execution::runt
 pub fn session_config(limits: &SessionLimits) -> SessionConfig {
     SessionConfig::new()
         .with_target_partitions(limits.partitions)
-        .with_batch_size(8192)
+        .with_batch_size(limits.batch_size)
         .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
         // File statistics are off: DataFusion 55 turns a column whose Parquet min equals its max
         // into a constant, but Parquet min/max leave NaN out, so a float column holding one

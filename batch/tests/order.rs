@@ -88,6 +88,8 @@ async fn run(feature: &str, history: Location, partitions: usize) -> Vec<Row> {
         memory_limit: 256 << 20,
         partitions,
         cluster: None,
+        // Batches far smaller than the events: keys and key runs cross many batch edges.
+        batch_size: 1000,
     });
     rows_of(&job.collect().await.unwrap())
 }

@@ -105,7 +105,7 @@ fn check(events: &[Event], labels: &[(Option<&'static str>, Option<i64>)], windo
         labels: labels_path.display().to_string(),
         label_time: None,
         history: Some(Location::Parquet(history.display().to_string())),
-        limits: SessionLimits { memory_limit: 256 << 20, partitions: 2, cluster: None },
+        limits: SessionLimits { memory_limit: 256 << 20, partitions: 2, cluster: None, ..SessionLimits::default() },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let summary =

@@ -305,6 +305,7 @@ impl Resources {
             memory_limit: parse_bytes(&self.memory_limit)?,
             partitions: self.partitions.unwrap_or(SessionLimits::default().partitions),
             cluster: self.cluster,
+            ..SessionLimits::default()
         })
     }
 }

@@ -184,6 +184,7 @@ impl Fixture {
             memory_limit: 256 << 20,
             partitions: 2,
             cluster: None,
+            ..SessionLimits::default()
         });
         let batches: Vec<RecordBatch> = job.collect().await.unwrap();
         let mut out = BTreeMap::new();

@@ -20,6 +20,9 @@ pub struct WindowRow<'a> {
     pub end: i64,
     /// One state per aggregate, in declared order.
     pub states: WindowStates<'a>,
+    /// The states are those of the previous window of this key (no pane entered or left between
+    /// them), so its values can be repeated rather than computed again.
+    pub repeats: bool,
 }
 
 /// The aggregate states of a finished window.
@@ -65,13 +68,15 @@ pub struct PaneSlider {
     window: Vec<Sliding>,
     /// The starting pane of the next window to consider.
     next: i64,
+    /// Whether a pane entered or left `window` since the last window emitted.
+    changed: bool,
 }
 
 impl PaneSlider {
     /// A slider for windows of `panes`, computing `specs`.
     pub fn new(panes: Panes, specs: Vec<AggregateSpec>) -> Self {
         let window = specs.iter().map(Sliding::new).collect();
-        PaneSlider { panes, specs, queue: VecDeque::new(), entered: 0, window, next: i64::MIN }
+        PaneSlider { panes, specs, queue: VecDeque::new(), entered: 0, window, next: i64::MIN, changed: true }
     }
 
     /// Adds the finished pane `pane` (greater than every pane added before for this key), first
@@ -94,6 +99,7 @@ impl PaneSlider {
         self.entered = 0;
         self.window = self.specs.iter().map(Sliding::new).collect();
         self.next = i64::MIN;
+        self.changed = true;
         Ok(())
     }
 
@@ -119,11 +125,11 @@ impl PaneSlider {
             while self.queue.front().is_some_and(|(p, _)| *p < start) {
                 let (p, states) = self.queue.pop_front().expect("front checked above");
                 if self.entered > 0 {
-                    for (i, spec) in self.specs.iter().enumerate() {
-                        let _ = spec;
-                        self.window[i].pop(p, &states[i]);
+                    for (window, state) in self.window.iter_mut().zip(&states) {
+                        window.pop(p, state);
                     }
                     self.entered -= 1;
+                    self.changed = true;
                 }
             }
             while self.entered < self.queue.len() && self.queue[self.entered].0 <= last_pane {
@@ -132,13 +138,16 @@ impl PaneSlider {
                     self.window[i].push(spec.function, *p, &states[i]);
                 }
                 self.entered += 1;
+                self.changed = true;
             }
             if self.entered > 0 {
                 emit(WindowRow {
                     start: self.panes.start_of(start),
                     end: self.panes.window_end(start),
                     states: WindowStates::Sliding(&self.window),
+                    repeats: !self.changed,
                 })?;
+                self.changed = false;
             }
             self.next = start.saturating_add(1);
             if start == i64::MAX {
@@ -185,6 +194,7 @@ impl SessionBuilder {
                 start: first,
                 end: last.saturating_add(self.gap.millis()),
                 states: WindowStates::Merged(&states),
+                repeats: false,
             })?;
         }
         Ok(())

@@ -303,7 +303,7 @@ impl ExactSum {
         // Units of 2^(32·lo − 1074); lo ≥ 2 keeps the scale at or above 2^-1010 (normal).
         let exponent = (self.lo as i32) * DIGIT_BITS as i32 - 1074;
         let scale = if exponent <= 1023 { f64::from_bits(((exponent + 1023) as u64) << 52) } else { return None };
-        Some(total as f64 * scale)
+        Some(i128_to_f64(total) * scale)
     }
 
     /// Rounds a normalized, non-negative, non-zero magnitude.
@@ -399,6 +399,21 @@ impl ExactSum {
     }
 }
 
+/// `value` rounded to the nearest double (ties to even), as `value as f64` but without the
+/// library routine for 128-bit integers: a value that fits 64 bits converts in one instruction,
+/// and a wider one keeps its top 64 bits with every lower bit folded into the lowest (a sticky
+/// bit, which sits below the rounding position and so rounds as the whole value would).
+fn i128_to_f64(value: i128) -> f64 {
+    if let Ok(narrow) = i64::try_from(value) {
+        return narrow as f64;
+    }
+    let magnitude = value.unsigned_abs();
+    let shift = 64 - magnitude.leading_zeros();
+    let top = (magnitude >> shift) as u64 | u64::from(magnitude & ((1u128 << shift) - 1) != 0);
+    let rounded = top as f64 * f64::from_bits(((shift + 1023) as u64) << 52);
+    if value < 0 { -rounded } else { rounded }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +421,34 @@ mod tests {
     use num_bigint::BigInt;
     use num_traits::Zero;
     use proptest::prelude::*;
+
+    #[test]
+    fn wide_integers_round_like_the_library_conversion() {
+        let mut edges: Vec<i128> = vec![0, 1, -1, i128::MAX, i128::MIN, i128::MIN + 1];
+        for bits in 54..127 {
+            for delta in [-2i128, -1, 0, 1, 2] {
+                let p = 1i128 << bits;
+                edges.extend([p + delta, -(p + delta)]);
+                // Halfway cases between two doubles, and just off them.
+                let half = (1i128 << bits) + (1i128 << (bits - 53)) + delta;
+                edges.extend([half, -half, half + (1i128 << (bits - 52)), -(half + (1i128 << (bits - 52)))]);
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let wide = ((next() as u128) << 64 | next() as u128) as i128;
+            edges.push(wide >> (next() % 127));
+        }
+        for value in edges {
+            assert_eq!(i128_to_f64(value).to_bits(), (value as f64).to_bits(), "{value}");
+        }
+    }
 
     fn exact(values: &[f64]) -> f64 {
         let mut sum = ExactSum::new();

@@ -46,7 +46,25 @@ impl RowSink {
         self.keys.push(key.clone());
     }
 
+    /// Appends a window of the key last begun. A window that [`WindowRow::repeats`] the previous
+    /// row of this batch copies its values (the same states give the same values).
     pub fn append(&mut self, row: WindowRow<'_>, feature: &str) -> Result<()> {
+        let key = (self.keys.len() - 1) as u32;
+        if row.repeats && self.rows > 0 && self.key_of_row.values_slice().last() == Some(&key) {
+            for value in &mut self.values {
+                value.repeat_last();
+            }
+        } else {
+            self.compute(&row, feature)?;
+        }
+        self.key_of_row.append_value(key);
+        self.starts.append_value(row.start);
+        self.ends.append_value(row.end);
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn compute(&mut self, row: &WindowRow<'_>, feature: &str) -> Result<()> {
         for (i, spec) in self.specs.iter().enumerate() {
             row.states.emit(i, spec, &mut self.values[i]).map_err(|e| {
                 DataFusionError::Execution(format!(
@@ -55,10 +73,6 @@ impl RowSink {
                 ))
             })?;
         }
-        self.key_of_row.append_value((self.keys.len() - 1) as u32);
-        self.starts.append_value(row.start);
-        self.ends.append_value(row.end);
-        self.rows += 1;
         Ok(())
     }
 

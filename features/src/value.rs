@@ -6,8 +6,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder, StringArray,
-    StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
+    Array, ArrayBuilder, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array,
+    Int64Builder, PrimitiveBuilder, StringArray, StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, TimeUnit};
 
@@ -267,6 +267,50 @@ impl OutputColumn {
         }
     }
 
+    /// Appends the last value again (a null if it was null). The column must not be empty.
+    pub fn repeat_last(&mut self) {
+        fn last_is_null(validity: Option<&[u8]>, len: usize) -> bool {
+            validity.is_some_and(|bits| !arrow::util::bit_util::get_bit(bits, len - 1))
+        }
+        match self {
+            OutputColumn::Bool(b) => {
+                let len = b.len();
+                if last_is_null(b.validity_slice(), len) {
+                    b.append_null();
+                } else {
+                    let value = arrow::util::bit_util::get_bit(b.values_slice(), len - 1);
+                    b.append_value(value);
+                }
+            }
+            OutputColumn::Int(b) => repeat_primitive(b),
+            OutputColumn::Float(b) => repeat_primitive(b),
+            OutputColumn::Time(b) => repeat_primitive(b),
+            OutputColumn::Str(b) => {
+                let len = b.len();
+                if last_is_null(b.validity_slice(), len) {
+                    b.append_null();
+                } else {
+                    let offsets = b.offsets_slice();
+                    let (from, to) = (offsets[len - 1] as usize, offsets[len] as usize);
+                    let value = std::str::from_utf8(&b.values_slice()[from..to])
+                        .expect("a string column holds UTF-8")
+                        .to_string();
+                    b.append_value(value);
+                }
+            }
+        }
+
+        fn repeat_primitive<T: arrow::datatypes::ArrowPrimitiveType>(b: &mut PrimitiveBuilder<T>) {
+            let len = b.len();
+            if last_is_null(b.validity_slice(), len) {
+                b.append_null();
+            } else {
+                let value = b.values_slice()[len - 1];
+                b.append_value(value);
+            }
+        }
+    }
+
     /// The finished Arrow array.
     pub fn finish(&mut self) -> ArrayRef {
         match self {
@@ -320,6 +364,33 @@ impl ValueSink for OutputColumn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeating_the_last_value_copies_it_or_its_null() {
+        let values = [
+            (ValueType::Bool, Value::Bool(true)),
+            (ValueType::Int64, Value::Int(-7)),
+            (ValueType::Float64, Value::float(f64::NAN)),
+            (ValueType::String, Value::Str("käse".into())),
+            (ValueType::Timestamp, Value::Time(-1)),
+        ];
+        for (value_type, value) in values {
+            let mut column = OutputColumn::new(value_type, 4);
+            column.value(&value);
+            column.repeat_last();
+            column.null();
+            column.repeat_last();
+            column.value(&value);
+            column.repeat_last();
+            let array = column.finish();
+            let nulls: Vec<bool> = (0..array.len()).map(|i| array.is_null(i)).collect();
+            assert_eq!(nulls, [false, false, true, true, false, false], "{value_type:?}");
+            let column = ArgColumn::new(&array).expect("an output column reads as an argument column");
+            for row in [0, 1, 4, 5] {
+                assert_eq!(column.value(row), value, "{value_type:?} row {row}");
+            }
+        }
+    }
 
     #[test]
     fn floats_order_totally_with_nan_on_top() {

@@ -633,6 +633,7 @@ impl Engine {
             start: panes.start_of(start),
             end: panes.window_end(start),
             states: WindowStates::Sliding(&slider.window),
+            repeats: false,
         };
         self.counters.fired += 1;
         Self::push_row(
@@ -664,6 +665,7 @@ impl Engine {
             start: panes.start_of(start),
             end: panes.window_end(start),
             states: WindowStates::Merged(&merged),
+            repeats: false,
         };
         self.counters.refired += 1;
         Self::push_row(&mut self.sink, &mut self.sink_rows, &mut self.changes, &self.feature, key, row, kind, seq)
@@ -682,8 +684,12 @@ impl Engine {
             t.slots.insert((id, start));
         }
         let key = entry.key.clone();
-        let row =
-            WindowRow { start, end: session.last.saturating_add(gap), states: WindowStates::Merged(&session.states) };
+        let row = WindowRow {
+            start,
+            end: session.last.saturating_add(gap),
+            states: WindowStates::Merged(&session.states),
+            repeats: false,
+        };
         match kind {
             ChangeKind::Refire => self.counters.refired += 1,
             _ => self.counters.fired += 1,

@@ -86,9 +86,9 @@ fn batch_rows(feature: &CompiledFeature, events: &RecordBatch) -> Rows {
         parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), events.schema(), None).unwrap();
     writer.write(events).unwrap();
     writer.close().unwrap();
-    let job = BatchJob::new(feature.clone(), Some(Location::Parquet(path.display().to_string())))
-        .unwrap()
-        .with_limits(SessionLimits { memory_limit: 64 << 20, partitions: 1, cluster: None });
+    let job = BatchJob::new(feature.clone(), Some(Location::Parquet(path.display().to_string()))).unwrap().with_limits(
+        SessionLimits { memory_limit: 64 << 20, partitions: 1, cluster: None, ..SessionLimits::default() },
+    );
     rows_of(&RUNTIME.block_on(job.collect()).unwrap())
 }
 

@@ -95,12 +95,13 @@ async fn batch_rows(feature: &CompiledFeature, history: &Location) -> Rows {
         memory_limit: 256 << 20,
         partitions: 2,
         cluster: None,
+        ..SessionLimits::default()
     });
     rows_of(&job.collect().await.unwrap())
 }
 
 async fn replay_rows(feature: &CompiledFeature, history: &Location) -> (Rows, Vec<RecordBatch>) {
-    let limits = SessionLimits { memory_limit: 256 << 20, partitions: 1, cluster: None };
+    let limits = SessionLimits { memory_limit: 256 << 20, partitions: 1, cluster: None, ..SessionLimits::default() };
     let out = replay(feature, history, &limits, Arc::new(AtomicU64::new(0))).await.unwrap();
     (rows_of(&out.windows), out.late)
 }

@@ -110,6 +110,8 @@ pub async fn run_batch(definitions: &Definitions, history: Location, partitions:
         memory_limit: 256 << 20,
         partitions,
         cluster: None,
+        // Small batches: keys and key runs cross many batch edges.
+        batch_size: 5,
     });
     let batches = job.collect().await.map_err(|e| e.to_string())?;
     Ok(rows_of(&batches))

@@ -125,6 +125,8 @@ fn staging_path(target: &Path) -> PathBuf {
 fn parquet_options(keys: &[String]) -> TableParquetOptions {
     let mut options = TableParquetOptions::default();
     options.global.compression = Some("snappy".into());
+    // Values go to the column encoders a batch at a time rather than in slices of 1024.
+    options.global.write_batch_size = 8192;
     options.global.dictionary_enabled = Some(false);
     for key in keys {
         let column = ParquetColumnOptions { dictionary_enabled: Some(true), ..ParquetColumnOptions::default() };

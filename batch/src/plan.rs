@@ -1,18 +1,20 @@
 //! The batch job as one DataFusion plan.
 //!
 //! ```text
-//!   Sort: keys, window_start                      (a merge of the sorted partitions)
+//!   Sort: keys, window_start                      (met by the window stage's own order)
 //!     FeatureWindow: feature=…, window=…          (lockstep's logical node)
 //!       Projection: keys, event time, arguments, FILTER masks
 //!         Filter: <the feature's filter>
 //!           TableScan: history (Parquet or Delta)
 //! ```
 //!
-//! The physical planner turns `FeatureWindow` into `FeatureWindowExec`, which requires its input
-//! hash-partitioned by key and sorted by key, then event time; DataFusion's optimizer meets that
-//! with `RepartitionExec(hash(key))` and a per-partition `SortExec`, so keys are spread over the
-//! cores, each partition is sorted with spilling under the memory limit, and the window stage sees
-//! each key's events in time order.
+//! The physical planner turns `FeatureWindow` into `FeatureWindowExec`. For rows ordered by key
+//! it asks for one stream sorted by key, then event time: DataFusion's optimizer sorts each scan
+//! partition (spilling under the memory limit) and merges them, and the window stage computes
+//! runs of whole keys concurrently, in order, so the final sort has nothing left to do. For rows
+//! ordered by time (Delta output), rows in any order (training sets) and on a cluster, it asks
+//! for input hash-partitioned by key and sorted in each partition (`RepartitionExec(hash(key))`
+//! and a per-partition `SortExec`), and the final sort merges or sorts its output.
 
 use std::cmp::Ordering;
 use std::fmt;

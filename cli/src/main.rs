@@ -21,6 +21,24 @@ use lockstep_features::{CompiledFeature, Definitions, FeatureSet, Location, comp
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// mimalloc's `mi_option_set` (mimalloc.h), linked in with the allocator.
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (the same in mimalloc 2 and 3).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Keeps freed memory for a second before returning it to the system (mimalloc's default is
+/// 10 ms). A batch job frees and reallocates its output batches continually; returned too soon,
+/// every reuse faults fresh pages in and the kernel zeroes them, which took an eighth of a batch
+/// job's time. An idle process still gives its memory back.
+fn keep_freed_memory_a_while() {
+    // SAFETY: sets one of mimalloc's process-wide options, a plain integer it reads when it
+    // next decides to purge; the option exists in every mimalloc version the crate builds.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+}
+
 /// lockstep: define windowed ML features once; compute them in batch and streaming with
 /// bit-identical results.
 #[derive(Parser)]
@@ -324,6 +342,7 @@ enum TableFormat {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory_a_while();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG").unwrap_or_else(|_| {

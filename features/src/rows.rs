@@ -81,15 +81,20 @@ impl RowSink {
             return Ok(None);
         }
         let key_columns = converter.convert_rows(self.keys.iter().map(|k| k.row()))?;
-        let indices = self.key_of_row.finish();
+        // The next batch starts with room for as many rows as this one: builders left empty by
+        // `finish` would grow again by doubling, copying what they hold each time.
+        let capacity = self.rows;
+        let indices = std::mem::replace(&mut self.key_of_row, UInt32Builder::with_capacity(capacity)).finish();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for key in key_columns {
             columns.push(take(&key, &indices, None)?);
         }
-        columns.push(Arc::new(self.starts.finish()));
-        columns.push(Arc::new(self.ends.finish()));
-        for value in &mut self.values {
-            columns.push(value.finish());
+        for bounds in [&mut self.starts, &mut self.ends] {
+            let fresh = TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC");
+            columns.push(Arc::new(std::mem::replace(bounds, fresh).finish()));
+        }
+        for (value, spec) in self.values.iter_mut().zip(&self.specs) {
+            columns.push(std::mem::replace(value, OutputColumn::new(spec.output, capacity)).finish());
         }
         let last_key = self.keys.pop();
         self.keys.clear();

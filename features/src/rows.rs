@@ -80,27 +80,23 @@ impl RowSink {
         if self.rows == 0 {
             return Ok(None);
         }
-        let key_columns = converter.convert_rows(self.keys.iter().map(|k| k.row()))?;
         // The next batch starts with room for as many rows as this one: builders left empty by
         // `finish` would grow again by doubling, copying what they hold each time.
-        let capacity = self.rows;
-        let indices = std::mem::replace(&mut self.key_of_row, UInt32Builder::with_capacity(capacity)).finish();
+        let fresh = RowSink::new(&self.specs, self.schema.clone(), self.rows);
+        let mut done = std::mem::replace(self, fresh);
+        // The key being assembled may continue in the next batch: keep it first.
+        self.keys.extend(done.keys.last().cloned());
+        let key_columns = converter.convert_rows(done.keys.iter().map(|k| k.row()))?;
+        let indices = done.key_of_row.finish();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for key in key_columns {
             columns.push(take(&key, &indices, None)?);
         }
-        for bounds in [&mut self.starts, &mut self.ends] {
-            let fresh = TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC");
-            columns.push(Arc::new(std::mem::replace(bounds, fresh).finish()));
+        columns.push(Arc::new(done.starts.finish()));
+        columns.push(Arc::new(done.ends.finish()));
+        for value in &mut done.values {
+            columns.push(value.finish());
         }
-        for (value, spec) in self.values.iter_mut().zip(&self.specs) {
-            columns.push(std::mem::replace(value, OutputColumn::new(spec.output, capacity)).finish());
-        }
-        let last_key = self.keys.pop();
-        self.keys.clear();
-        // The key being assembled may continue in the next batch: keep it first.
-        self.keys.extend(last_key);
-        self.rows = 0;
         Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
     }
 }

@@ -130,6 +130,11 @@ impl AggregateError {
     }
 }
 
+/// The values of a `count(distinct)` state, with how many merged states hold each. Hashed with
+/// foldhash: these maps are probed once per event and per pane merge, and SipHash's resistance
+/// to chosen keys buys nothing for a state that lives one window.
+pub type DistinctValues = HashMap<Value, u32, foldhash::fast::RandomState>;
+
 /// The partial state of one aggregate over some events (a pane, a window, a session).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Partial {
@@ -153,7 +158,7 @@ pub enum Partial {
     Ordered(Option<(i64, Value)>),
     /// Distinct values; the count is how many merged partial states hold the value, so a pane
     /// can be retracted.
-    Distinct(HashMap<Value, u32>),
+    Distinct(DistinctValues),
 }
 
 impl Partial {
@@ -167,7 +172,7 @@ impl Partial {
             (Stddev | Var, _) => Partial::Moments { n: 0, s1: Box::default(), s2: Box::default() },
             (Min | Max, _) => Partial::Extreme(None),
             (First | Last, _) => Partial::Ordered(None),
-            (CountDistinct, _) => Partial::Distinct(HashMap::new()),
+            (CountDistinct, _) => Partial::Distinct(DistinctValues::default()),
         }
     }
 

@@ -4,8 +4,6 @@
 //! restored from its changelog continues as if it had never stopped. The first byte of every
 //! state is a tag; numbers are little-endian.
 
-use std::collections::HashMap;
-
 use crate::aggregate::Partial;
 use crate::exact::ExactSum;
 use crate::value::Value;
@@ -91,7 +89,8 @@ pub fn decode_partial(input: &mut &[u8]) -> Option<Partial> {
         },
         6 => {
             let len = take_u32(input)? as usize;
-            let mut values = HashMap::with_capacity(len.min(1 << 16));
+            let mut values =
+                crate::aggregate::DistinctValues::with_capacity_and_hasher(len.min(1 << 16), Default::default());
             for _ in 0..len {
                 let value = take_value(input)?;
                 values.insert(value, take_u32(input)?);

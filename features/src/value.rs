@@ -267,48 +267,77 @@ impl OutputColumn {
         }
     }
 
-    /// Appends the last value again (a null if it was null). The column must not be empty.
-    pub fn repeat_last(&mut self) {
-        fn last_is_null(validity: Option<&[u8]>, len: usize) -> bool {
-            validity.is_some_and(|bits| !arrow::util::bit_util::get_bit(bits, len - 1))
+    /// Appends the last value `n` more times (nulls if it was null). The column must not be
+    /// empty.
+    pub fn repeat_last(&mut self, n: usize) {
+        let last = self.len() - 1;
+        self.repeat_row(last, n);
+    }
+
+    /// Appends the value at `row` (an existing row) `n` times, or `n` nulls if it is null.
+    pub fn repeat_row(&mut self, row: usize, n: usize) {
+        fn is_null(validity: Option<&[u8]>, row: usize) -> bool {
+            validity.is_some_and(|bits| !arrow::util::bit_util::get_bit(bits, row))
+        }
+        if n == 0 {
+            return;
         }
         match self {
             OutputColumn::Bool(b) => {
-                let len = b.len();
-                if last_is_null(b.validity_slice(), len) {
-                    b.append_null();
+                if is_null(b.validity_slice(), row) {
+                    b.append_nulls(n);
                 } else {
-                    let value = arrow::util::bit_util::get_bit(b.values_slice(), len - 1);
-                    b.append_value(value);
+                    let value = arrow::util::bit_util::get_bit(b.values_slice(), row);
+                    b.append_n(n, value);
                 }
             }
-            OutputColumn::Int(b) => repeat_primitive(b),
-            OutputColumn::Float(b) => repeat_primitive(b),
-            OutputColumn::Time(b) => repeat_primitive(b),
+            OutputColumn::Int(b) => repeat_primitive(b, row, n),
+            OutputColumn::Float(b) => repeat_primitive(b, row, n),
+            OutputColumn::Time(b) => repeat_primitive(b, row, n),
             OutputColumn::Str(b) => {
-                let len = b.len();
-                if last_is_null(b.validity_slice(), len) {
-                    b.append_null();
+                if is_null(b.validity_slice(), row) {
+                    b.append_nulls(n);
                 } else {
                     let offsets = b.offsets_slice();
-                    let (from, to) = (offsets[len - 1] as usize, offsets[len] as usize);
+                    let (from, to) = (offsets[row] as usize, offsets[row + 1] as usize);
                     let value = std::str::from_utf8(&b.values_slice()[from..to])
                         .expect("a string column holds UTF-8")
                         .to_string();
-                    b.append_value(value);
+                    for _ in 0..n {
+                        b.append_value(&value);
+                    }
                 }
             }
         }
 
-        fn repeat_primitive<T: arrow::datatypes::ArrowPrimitiveType>(b: &mut PrimitiveBuilder<T>) {
-            let len = b.len();
-            if last_is_null(b.validity_slice(), len) {
-                b.append_null();
+        fn repeat_primitive<T: arrow::datatypes::ArrowPrimitiveType>(
+            b: &mut PrimitiveBuilder<T>,
+            row: usize,
+            n: usize,
+        ) {
+            if is_null(b.validity_slice(), row) {
+                b.append_nulls(n);
             } else {
-                let value = b.values_slice()[len - 1];
-                b.append_value(value);
+                let value = b.values_slice()[row];
+                b.append_value_n(value, n);
             }
         }
+    }
+
+    /// Number of values appended.
+    pub fn len(&self) -> usize {
+        match self {
+            OutputColumn::Bool(b) => b.len(),
+            OutputColumn::Int(b) => b.len(),
+            OutputColumn::Float(b) => b.len(),
+            OutputColumn::Str(b) => b.len(),
+            OutputColumn::Time(b) => b.len(),
+        }
+    }
+
+    /// Whether no value was appended.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The finished Arrow array.
@@ -366,7 +395,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repeating_the_last_value_copies_it_or_its_null() {
+    fn repeating_a_value_copies_it_or_its_null() {
         let values = [
             (ValueType::Bool, Value::Bool(true)),
             (ValueType::Int64, Value::Int(-7)),
@@ -377,16 +406,20 @@ mod tests {
         for (value_type, value) in values {
             let mut column = OutputColumn::new(value_type, 4);
             column.value(&value);
-            column.repeat_last();
+            column.repeat_last(1);
             column.null();
-            column.repeat_last();
+            column.repeat_last(2);
+            column.repeat_last(0);
             column.value(&value);
-            column.repeat_last();
+            column.repeat_last(3);
+            column.repeat_row(2, 1);
+            column.repeat_row(0, 2);
             let array = column.finish();
             let nulls: Vec<bool> = (0..array.len()).map(|i| array.is_null(i)).collect();
-            assert_eq!(nulls, [false, false, true, true, false, false], "{value_type:?}");
+            let expected = [false, false, true, true, true, false, false, false, false, true, false, false];
+            assert_eq!(nulls, expected, "{value_type:?}");
             let column = ArgColumn::new(&array).expect("an output column reads as an argument column");
-            for row in [0, 1, 4, 5] {
+            for row in [0, 1, 5, 6, 7, 8, 10, 11] {
                 assert_eq!(column.value(row), value, "{value_type:?} row {row}");
             }
         }

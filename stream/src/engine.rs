@@ -106,6 +106,8 @@ struct Session {
 struct Slider {
     window: Vec<Sliding>,
     cursor: i64,
+    /// The output row (sink batch number, row) where `window` was last emitted.
+    emitted: Option<(u64, usize)>,
 }
 
 enum KeyState {
@@ -140,7 +142,6 @@ const FORMAT: u8 = 1;
 
 /// The engine of one partition; see the module documentation.
 pub struct Engine {
-    feature: String,
     specs: Vec<AggregateSpec>,
     layout: StageLayout,
     output_schema: SchemaRef,
@@ -157,11 +158,40 @@ pub struct Engine {
     /// deleted slots. `None` when the caller does not keep a changelog.
     tracking: Option<Tracking>,
     counters: EngineCounters,
-    // Output under construction.
-    sink: RowSink,
-    sink_rows: usize,
-    changes: Vec<Change>,
+    out: Output,
     late: Vec<LateEvent>,
+}
+
+/// Output rows under construction, and their changes.
+struct Output {
+    feature: String,
+    sink: RowSink,
+    rows: usize,
+    /// Number of the batch `sink` is building.
+    batch: u64,
+    changes: Vec<Change>,
+}
+
+impl Output {
+    /// Appends a window of `key`; with `copy`, its values are those of that row of this batch.
+    fn push(
+        &mut self,
+        key: OwnedRow,
+        row: WindowRow<'_>,
+        copy: Option<usize>,
+        kind: ChangeKind,
+        seq: u64,
+    ) -> Result<()> {
+        let (start, end) = (row.start, row.end);
+        self.sink.begin_key(&key);
+        match copy {
+            Some(from) => self.sink.append_copy(row, from)?,
+            None => self.sink.append(row, &self.feature)?,
+        }
+        self.changes.push(Change { kind, key, start, end, row: Some(self.rows), seq });
+        self.rows += 1;
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -191,8 +221,13 @@ impl Engine {
             .collect();
         let specs = feature.specs();
         Ok(Engine {
-            feature: feature.feature.name.clone(),
-            sink: RowSink::new(&specs, output_schema.clone(), 1024),
+            out: Output {
+                feature: feature.feature.name.clone(),
+                sink: RowSink::new(&specs, output_schema.clone(), 1024),
+                rows: 0,
+                batch: 0,
+                changes: Vec::new(),
+            },
             specs,
             layout: feature.layout(),
             output_schema,
@@ -206,8 +241,6 @@ impl Engine {
             timers: BTreeSet::new(),
             tracking: track_changes.then(Tracking::default),
             counters: EngineCounters::default(),
-            sink_rows: 0,
-            changes: Vec::new(),
             late: Vec::new(),
         })
     }
@@ -306,9 +339,11 @@ impl Engine {
     }
 
     fn take_effects(&mut self) -> Result<Effects> {
-        let rows = if self.sink_rows > 0 { self.sink.finish(&self.converter)? } else { None };
-        self.sink_rows = 0;
-        Ok(Effects { rows, changes: std::mem::take(&mut self.changes), late: std::mem::take(&mut self.late) })
+        let out = &mut self.out;
+        let rows = if out.rows > 0 { out.sink.finish(&self.converter)? } else { None };
+        out.rows = 0;
+        out.batch += 1;
+        Ok(Effects { rows, changes: std::mem::take(&mut out.changes), late: std::mem::take(&mut self.late) })
     }
 
     fn id_of(&mut self, key: arrow::row::Row<'_>) -> u32 {
@@ -511,7 +546,14 @@ impl Engine {
         }
         for (s, e) in retractions {
             self.counters.retracted += 1;
-            self.changes.push(Change { kind: ChangeKind::Retract, key: key.clone(), start: s, end: e, row: None, seq });
+            self.out.changes.push(Change {
+                kind: ChangeKind::Retract,
+                key: key.clone(),
+                start: s,
+                end: e,
+                row: None,
+                seq,
+            });
         }
         if due {
             self.emit_session(id, start, seq)?;
@@ -600,18 +642,24 @@ impl Engine {
         let slider = match slider {
             Some(s) if s.cursor < start => {
                 let old_last = s.cursor.saturating_add(per - 1);
+                let mut changed = false;
                 for (p, states) in held.range(s.cursor..start.min(old_last.saturating_add(1))) {
                     for (i, sliding) in s.window.iter_mut().enumerate() {
                         sliding.pop(*p, &states[i]);
                     }
+                    changed = true;
                 }
                 let from = start.max(old_last.saturating_add(1));
                 for (p, states) in held.range(from..=start.saturating_add(per - 1)) {
                     for (i, sliding) in s.window.iter_mut().enumerate() {
                         sliding.push(specs[i].function, *p, &states[i]);
                     }
+                    changed = true;
                 }
                 s.cursor = start;
+                if changed {
+                    s.emitted = None;
+                }
                 s
             }
             _ => {
@@ -621,9 +669,13 @@ impl Engine {
                         sliding.push(specs[i].function, *p, &states[i]);
                     }
                 }
-                slider.insert(Slider { window, cursor: start })
+                slider.insert(Slider { window, cursor: start, emitted: None })
             }
         };
+        // A slider is dropped whenever an event reaches one of its panes, so unchanged panes
+        // mean the values of its last row, which can be copied if that row is in this batch.
+        let copy = slider.emitted.filter(|(batch, _)| *batch == self.out.batch).map(|(_, row)| row);
+        slider.emitted = Some((self.out.batch, self.out.rows));
         *fired_through = Some(start);
         if let Some(t) = self.tracking.as_mut() {
             t.fired_through.insert(id);
@@ -636,16 +688,7 @@ impl Engine {
             repeats: false,
         };
         self.counters.fired += 1;
-        Self::push_row(
-            &mut self.sink,
-            &mut self.sink_rows,
-            &mut self.changes,
-            &self.feature,
-            key,
-            row,
-            ChangeKind::Fire,
-            seq,
-        )
+        self.out.push(key, row, copy, ChangeKind::Fire, seq)
     }
 
     /// Emits window `start` merged afresh from its panes (a window firing again after a late
@@ -668,7 +711,7 @@ impl Engine {
             repeats: false,
         };
         self.counters.refired += 1;
-        Self::push_row(&mut self.sink, &mut self.sink_rows, &mut self.changes, &self.feature, key, row, kind, seq)
+        self.out.push(key, row, None, kind, seq)
     }
 
     /// Emits a session: a first row for its start, or a replacement for an earlier one.
@@ -694,26 +737,7 @@ impl Engine {
             ChangeKind::Refire => self.counters.refired += 1,
             _ => self.counters.fired += 1,
         }
-        Self::push_row(&mut self.sink, &mut self.sink_rows, &mut self.changes, &self.feature, key, row, kind, seq)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push_row(
-        sink: &mut RowSink,
-        sink_rows: &mut usize,
-        changes: &mut Vec<Change>,
-        feature: &str,
-        key: OwnedRow,
-        row: WindowRow<'_>,
-        kind: ChangeKind,
-        seq: u64,
-    ) -> Result<()> {
-        let (start, end) = (row.start, row.end);
-        sink.begin_key(&key);
-        sink.append(row, feature)?;
-        changes.push(Change { kind, key, start, end, row: Some(*sink_rows), seq });
-        *sink_rows += 1;
-        Ok(())
+        self.out.push(key, row, None, kind, seq)
     }
 
     /// Drops panes no window can use any more: every window holding them is past allowed

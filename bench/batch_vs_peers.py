@@ -21,7 +21,9 @@ ROOT = HERE.parent
 
 def measure(command: list[str], allowed: tuple[int, ...] = (0,)) -> tuple[float, int]:
     """Runs a command; returns (wall seconds, peak RSS bytes) of that child alone. Exit codes
-    outside `allowed` stop the benchmark."""
+    outside `allowed` stop the benchmark. The previous run's output is flushed to disk first, so
+    its writeback is not charged to this one."""
+    os.sync()
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)

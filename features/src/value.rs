@@ -325,7 +325,7 @@ impl OutputColumn {
     }
 
     /// Number of values appended.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             OutputColumn::Bool(b) => b.len(),
             OutputColumn::Int(b) => b.len(),
@@ -333,11 +333,6 @@ impl OutputColumn {
             OutputColumn::Str(b) => b.len(),
             OutputColumn::Time(b) => b.len(),
         }
-    }
-
-    /// Whether no value was appended.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The finished Arrow array.

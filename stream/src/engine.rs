@@ -166,7 +166,6 @@ pub struct Engine {
 struct Output {
     feature: String,
     sink: RowSink,
-    rows: usize,
     /// Number of the batch `sink` is building.
     batch: u64,
     changes: Vec<Change>,
@@ -188,8 +187,7 @@ impl Output {
             Some(from) => self.sink.append_copy(row, from)?,
             None => self.sink.append(row, &self.feature)?,
         }
-        self.changes.push(Change { kind, key, start, end, row: Some(self.rows), seq });
-        self.rows += 1;
+        self.changes.push(Change { kind, key, start, end, row: Some(self.sink.rows - 1), seq });
         Ok(())
     }
 }
@@ -224,7 +222,6 @@ impl Engine {
             out: Output {
                 feature: feature.feature.name.clone(),
                 sink: RowSink::new(&specs, output_schema.clone(), 1024),
-                rows: 0,
                 batch: 0,
                 changes: Vec::new(),
             },
@@ -340,8 +337,7 @@ impl Engine {
 
     fn take_effects(&mut self) -> Result<Effects> {
         let out = &mut self.out;
-        let rows = if out.rows > 0 { out.sink.finish(&self.converter)? } else { None };
-        out.rows = 0;
+        let rows = out.sink.finish(&self.converter)?;
         out.batch += 1;
         Ok(Effects { rows, changes: std::mem::take(&mut out.changes), late: std::mem::take(&mut self.late) })
     }
@@ -675,7 +671,7 @@ impl Engine {
         // A slider is dropped whenever an event reaches one of its panes, so unchanged panes
         // mean the values of its last row, which can be copied if that row is in this batch.
         let copy = slider.emitted.filter(|(batch, _)| *batch == self.out.batch).map(|(_, row)| row);
-        slider.emitted = Some((self.out.batch, self.out.rows));
+        slider.emitted = Some((self.out.batch, self.out.sink.rows));
         *fired_through = Some(start);
         if let Some(t) = self.tracking.as_mut() {
             t.fired_through.insert(id);

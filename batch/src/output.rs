@@ -122,10 +122,10 @@ fn staging_path(target: &Path) -> PathBuf {
 }
 
 /// Parquet settings for feature rows of `schema`: Snappy (fast, read everywhere); dictionaries
-/// only for key columns; window bounds and integer values delta-encoded (bounds advance by
-/// `every` within a key, counts repeat from one window to the next). Statistics are kept for the
-/// keys and window bounds, which readers prune on (a key, a time range); computing them for
-/// every aggregate value was a tenth of the writer's time.
+/// only for key columns; window bounds and integer and timestamp values delta-encoded (bounds
+/// advance by `every` within a key, counts repeat from one window to the next). Statistics are
+/// kept for the keys and window bounds, which readers prune on (a key, a time range); computing
+/// them for every aggregate value was a tenth of the writer's time.
 fn parquet_options(schema: &Schema, keys: &[String]) -> TableParquetOptions {
     let mut options = TableParquetOptions::default();
     options.global.compression = Some("snappy".into());

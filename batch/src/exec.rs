@@ -663,7 +663,7 @@ impl WantedState {
             for (start, states) in windows.starts.iter().zip(&windows.states) {
                 let Some(states) = states else { continue };
                 let end = self.panes.window_end(self.panes.pane_of(*start));
-                let row = WindowRow { start: *start, end, states: WindowStates::Merged(states), repeats: false };
+                let row = WindowRow::single(*start, end, WindowStates::Merged(states), false);
                 sink.append(row, &feature)?;
                 if sink.rows >= self.batch_size {
                     flush(&mut sink, &self.converter, &self.stage.counters, &mut ready)?;

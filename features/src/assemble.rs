@@ -23,6 +23,18 @@ pub struct WindowRow<'a> {
     /// The states are those of the previous window of this key (no pane entered or left between
     /// them), so its values can be repeated rather than computed again.
     pub repeats: bool,
+    /// How many windows follow this one, each `step` milliseconds later, with the same states:
+    /// a run of repeated windows, handed over at once.
+    pub then: usize,
+    /// The distance between the starts of consecutive windows of a run.
+    pub step: i64,
+}
+
+impl<'a> WindowRow<'a> {
+    /// One window, not part of a run.
+    pub fn single(start: i64, end: i64, states: WindowStates<'a>, repeats: bool) -> Self {
+        WindowRow { start, end, states, repeats, then: 0, step: 0 }
+    }
 }
 
 /// The aggregate states of a finished window.
@@ -140,21 +152,52 @@ impl PaneSlider {
                 self.entered += 1;
                 self.changed = true;
             }
+            let mut then = 0;
             if self.entered > 0 {
+                then = self.unchanged_after(start, limit);
                 emit(WindowRow {
                     start: self.panes.start_of(start),
                     end: self.panes.window_end(start),
                     states: WindowStates::Sliding(&self.window),
                     repeats: !self.changed,
+                    then,
+                    step: self.panes.width,
                 })?;
                 self.changed = false;
             }
-            self.next = start.saturating_add(1);
+            // A run ends before `limit`, so only `start == i64::MAX` saturates.
+            self.next = start.saturating_add(1 + then as i64);
             if start == i64::MAX {
                 break;
             }
         }
         Ok(())
+    }
+}
+
+impl PaneSlider {
+    /// How many windows after the one starting at pane `start` hold the same panes, and start
+    /// before pane `limit`: until the oldest pane held leaves, or the next queued pane enters.
+    /// Zero when the run's bounds would not be exact milliseconds.
+    fn unchanged_after(&self, start: i64, limit: i64) -> usize {
+        let Some(&(oldest, _)) = self.queue.front() else { return 0 };
+        let leaves = oldest.saturating_add(1);
+        let enters =
+            self.queue.get(self.entered).map_or(i64::MAX, |(p, _)| p.saturating_sub(self.panes.per_window - 1));
+        let end = leaves.min(enters).min(limit);
+        if end <= start.saturating_add(1) {
+            return 0;
+        }
+        let last = end - 1;
+        // Every start and end of the run must be `start_of` without wrapping, so that a run's
+        // bounds (first bound plus a multiple of `step`) equal those of windows emitted singly.
+        let (width, offset) = (self.panes.width as i128, self.panes.offset as i128);
+        let lowest = start as i128 * width + offset;
+        let highest = (last as i128 + self.panes.per_window as i128) * width + offset;
+        if lowest < i64::MIN as i128 || highest > i64::MAX as i128 {
+            return 0;
+        }
+        (last - start) as usize
     }
 }
 
@@ -190,12 +233,12 @@ impl SessionBuilder {
     /// Emits the open session, if any.
     pub fn finish<E>(&mut self, emit: &mut impl FnMut(WindowRow<'_>) -> Result<(), E>) -> Result<(), E> {
         if let Some((first, last, states)) = self.open.take() {
-            emit(WindowRow {
-                start: first,
-                end: last.saturating_add(self.gap.millis()),
-                states: WindowStates::Merged(&states),
-                repeats: false,
-            })?;
+            emit(WindowRow::single(
+                first,
+                last.saturating_add(self.gap.millis()),
+                WindowStates::Merged(&states),
+                false,
+            ))?;
         }
         Ok(())
     }
@@ -212,13 +255,19 @@ mod tests {
         vec![AggregateSpec { name: "n".into(), function: Function::CountStar, input: None, output: ValueType::Int64 }]
     }
 
-    fn windows(panes: Panes, events: &[i64]) -> Vec<(i64, i64, i64)> {
+    /// Every window of `events` (sorted) as (start, end, count), runs written out, and how
+    /// many windows came as the tail of a run.
+    fn windows_and_runs(panes: Panes, events: &[i64]) -> (Vec<(i64, i64, i64)>, usize) {
         let specs = count_spec();
         let mut slider = PaneSlider::new(panes, specs.clone());
         let mut out = Vec::new();
+        let mut in_runs = 0;
         let mut emit = |row: WindowRow<'_>| -> Result<(), ()> {
             let Output::Int(n) = row.states.evaluate(0, &specs[0]).unwrap() else { panic!() };
-            out.push((row.start, row.end, n));
+            for i in 0..=row.then as i64 {
+                out.push((row.start + i * row.step, row.end + i * row.step, n));
+            }
+            in_runs += row.then;
             Ok(())
         };
         let mut current: Option<(i64, Vec<Partial>)> = None;
@@ -235,7 +284,52 @@ mod tests {
             slider.push(p, states, &mut emit).unwrap();
         }
         slider.finish(&mut emit).unwrap();
-        out
+        (out, in_runs)
+    }
+
+    fn windows(panes: Panes, events: &[i64]) -> Vec<(i64, i64, i64)> {
+        windows_and_runs(panes, events).0
+    }
+
+    /// Runs of repeated windows, written out, are exactly the windows a brute force finds: every
+    /// window start whose span holds an event, with its count, whatever size, step and offset.
+    #[test]
+    fn runs_of_windows_equal_every_window_by_brute_force() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut in_runs = 0;
+        for case in 0..300 {
+            let every = 1 + next(50) as i64;
+            let per_window = 1 + next(12) as i64;
+            let offset = next(every as u64) as i64;
+            let panes = Panes { width: every, offset, per_window };
+            let base = if case % 3 == 0 { -5_000 } else { 0 };
+            let mut events: Vec<i64> = (0..next(30)).map(|_| base + next(2_000) as i64).collect();
+            if case % 5 == 0 {
+                // Events exactly on pane edges.
+                events.extend((0..5).map(|k| offset + k * every * per_window));
+            }
+            events.sort_unstable();
+            let mut expected = Vec::new();
+            if let (Some(&first), Some(&last)) = (events.first(), events.last()) {
+                let (lo, hi) = (panes.pane_of(first) - per_window + 1, panes.pane_of(last));
+                for s in lo..=hi {
+                    let n = events.iter().filter(|&&t| (s..s + per_window).contains(&panes.pane_of(t))).count() as i64;
+                    if n > 0 {
+                        expected.push((panes.start_of(s), panes.window_end(s), n));
+                    }
+                }
+            }
+            let (got, runs) = windows_and_runs(panes, &events);
+            assert_eq!(got, expected, "every {every}, {per_window} panes a window, offset {offset}, events {events:?}");
+            in_runs += runs;
+        }
+        assert!(in_runs > 1_000, "runs are handed over at once ({in_runs} windows in runs)");
     }
 
     #[test]

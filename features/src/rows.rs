@@ -27,6 +27,8 @@ pub struct RowSink {
     /// Rows at the end of `key_of_row` whose values repeat the last row of `values` and are
     /// not in `values` yet: runs of repeated windows are appended at once.
     owed: usize,
+    /// Scratch space for the bounds of a run.
+    bounds: Vec<i64>,
     pub rows: usize,
 }
 
@@ -41,6 +43,7 @@ impl RowSink {
             ends: TimestampMillisecondBuilder::with_capacity(capacity).with_timezone("UTC"),
             values: specs.iter().map(|s| OutputColumn::new(s.output, capacity)).collect(),
             owed: 0,
+            bounds: Vec::new(),
             rows: 0,
         }
     }
@@ -50,7 +53,8 @@ impl RowSink {
         self.keys.push(key.clone());
     }
 
-    /// Appends a window of the key last begun. A window that [`WindowRow::repeats`] the previous
+    /// Appends a window of the key last begun, and the run of windows with the same states
+    /// that follows it ([`WindowRow::then`]). A window that [`WindowRow::repeats`] the previous
     /// row of this batch copies its values (the same states give the same values).
     pub fn append(&mut self, row: WindowRow<'_>, feature: &str) -> Result<()> {
         let key = (self.keys.len() - 1) as u32;
@@ -60,6 +64,7 @@ impl RowSink {
             self.pay_owed();
             self.compute(&row, feature)?;
         }
+        self.owed += row.then;
         self.push_bounds(&row);
         Ok(())
     }
@@ -74,15 +79,29 @@ impl RowSink {
         for value in &mut self.values {
             value.repeat_row(from, 1);
         }
+        self.owed += row.then;
         self.push_bounds(&row);
         Ok(())
     }
 
+    /// Appends the key and bounds of `row` and of its run.
     fn push_bounds(&mut self, row: &WindowRow<'_>) {
-        self.key_of_row.append_value((self.keys.len() - 1) as u32);
-        self.starts.append_value(row.start);
-        self.ends.append_value(row.end);
-        self.rows += 1;
+        let n = 1 + row.then;
+        self.key_of_row.append_value_n((self.keys.len() - 1) as u32, n);
+        if row.then == 0 {
+            self.starts.append_value(row.start);
+            self.ends.append_value(row.end);
+        } else {
+            let step = row.step;
+            self.bounds.clear();
+            self.bounds.extend((0..n as i64).map(|i| row.start + i * step));
+            self.starts.append_slice(&self.bounds);
+            for bound in &mut self.bounds {
+                *bound += row.end - row.start;
+            }
+            self.ends.append_slice(&self.bounds);
+        }
+        self.rows += n;
     }
 
     /// Appends the owed repeats of the last values.
@@ -219,11 +238,8 @@ mod tests {
         let (mut got, mut want) = (Vec::new(), Vec::new());
         for part in [&plan[..10], &plan[10..]] {
             for (i, (key, window, how)) in part.iter().enumerate() {
-                let row = |repeats| WindowRow {
-                    start: i as i64,
-                    end: i as i64 + 10,
-                    states: WindowStates::Merged(&windows[*window]),
-                    repeats,
+                let row = |repeats| {
+                    WindowRow::single(i as i64, i as i64 + 10, WindowStates::Merged(&windows[*window]), repeats)
                 };
                 for sink in [&mut fast, &mut plain] {
                     if i == 0 || part[i - 1].0 != *key {
@@ -244,12 +260,6 @@ mod tests {
         let total = got[0].column(4).as_any().downcast_ref::<Float64Array>().unwrap();
         assert_eq!(total.value(2).to_bits(), (0.1f64 + 0.2).to_bits());
         assert!(total.is_null(3) && total.is_null(9) && !total.is_null(8));
-        assert!(
-            fast.append_copy(
-                WindowRow { start: 0, end: 1, states: WindowStates::Merged(&windows[0]), repeats: false },
-                0
-            )
-            .is_err()
-        );
+        assert!(fast.append_copy(WindowRow::single(0, 1, WindowStates::Merged(&windows[0]), false), 0).is_err());
     }
 }

@@ -677,12 +677,12 @@ impl Engine {
             t.fired_through.insert(id);
         }
         let key = entry.key.clone();
-        let row = WindowRow {
-            start: panes.start_of(start),
-            end: panes.window_end(start),
-            states: WindowStates::Sliding(&slider.window),
-            repeats: false,
-        };
+        let row = WindowRow::single(
+            panes.start_of(start),
+            panes.window_end(start),
+            WindowStates::Sliding(&slider.window),
+            false,
+        );
         self.counters.fired += 1;
         self.out.push(key, row, copy, ChangeKind::Fire, seq)
     }
@@ -700,12 +700,8 @@ impl Engine {
             }
         }
         let key = entry.key.clone();
-        let row = WindowRow {
-            start: panes.start_of(start),
-            end: panes.window_end(start),
-            states: WindowStates::Merged(&merged),
-            repeats: false,
-        };
+        let row =
+            WindowRow::single(panes.start_of(start), panes.window_end(start), WindowStates::Merged(&merged), false);
         self.counters.refired += 1;
         self.out.push(key, row, None, kind, seq)
     }
@@ -723,12 +719,8 @@ impl Engine {
             t.slots.insert((id, start));
         }
         let key = entry.key.clone();
-        let row = WindowRow {
-            start,
-            end: session.last.saturating_add(gap),
-            states: WindowStates::Merged(&session.states),
-            repeats: false,
-        };
+        let row =
+            WindowRow::single(start, session.last.saturating_add(gap), WindowStates::Merged(&session.states), false);
         match kind {
             ChangeKind::Refire => self.counters.refired += 1,
             _ => self.counters.fired += 1,

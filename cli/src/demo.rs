@@ -186,7 +186,8 @@ pub async fn run(options: &DemoOptions, quiet: bool) -> Result<ExitCode> {
     // 4. Stream (replay every event in arrival order).
     let started = Instant::now();
     let events = Location::Parquet(events_path.clone());
-    let replayed = lockstep_stream::replay::replay(&compiled, &events, &limits, Arc::new(AtomicU64::new(0))).await?;
+    let replayed =
+        lockstep_stream::replay::replay(&compiled, &events, &limits, true, Arc::new(AtomicU64::new(0))).await?;
     let fired: usize = replayed.windows.iter().map(|b| b.num_rows()).sum();
     let counters = replayed.counters;
     let mut order = feature.key.clone();

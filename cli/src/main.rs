@@ -17,7 +17,9 @@ use lockstep_features::{CompiledFeature, Definitions, FeatureSet, Location, comp
 
 /// Window stages allocate many small partial states from several threads at once; mimalloc's
 /// per-thread heaps take that without the lock contention and fragmentation of the system
-/// allocator (measured in BENCHMARKS.md).
+/// allocator (measured in BENCHMARKS.md). The crate's `override` feature makes it the C
+/// allocator too: librdkafka allocates each record on the worker thread and frees it on its
+/// broker thread, where glibc's malloc spent a tenth of a streaming run's CPU.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -277,28 +279,8 @@ enum Command {
         /// Kafka bootstrap servers (host:port,...).
         #[arg(long)]
         brokers: Option<String>,
-        /// Consumer group (default: lockstep.<feature set>).
-        #[arg(long)]
-        group: Option<String>,
-        /// This worker's stable name in the group (default: the host name). Give each worker of
-        /// a group its own, and keep it across restarts.
-        #[arg(long)]
-        instance: Option<String>,
-        /// End the run once nothing new arrives for this long (e.g. 30s): every open window fires.
-        #[arg(long)]
-        until_idle: Option<String>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-        /// The online store (redis://host:port), overriding the feature's `output.online`.
-        #[arg(long)]
-        online: Option<String>,
-        /// Do not write the online store.
-        #[arg(long)]
-        no_online: bool,
-        /// Most messages per transaction.
-        #[arg(long, default_value_t = 5_000)]
-        max_batch: usize,
+        #[command(flatten)]
+        kafka: KafkaRun,
     },
 }
 
@@ -410,39 +392,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Produce { file, brokers, topic, key, rate, partitions } => {
             produce(&file, &brokers, &topic, &key, rate, partitions, cli.quiet).await
         }
-        Command::Stream {
-            file,
-            feature,
-            replay,
-            replay_format,
-            out,
-            late_out,
-            format,
-            brokers,
-            group,
-            instance,
-            until_idle,
-            metrics,
-            online,
-            no_online,
-            max_batch,
-        } => match (replay, brokers) {
-            (Some(replay), None) => {
-                let history = history_location(Some(replay), replay_format).expect("a replay URL was given");
-                stream_replay(&file, &feature, history, out, late_out, format, cli.quiet).await
-            }
-            (None, Some(brokers)) => {
-                if out.is_some() || late_out.is_some() {
-                    bail!("--out and --late-out go with --replay; a Kafka run writes the output and late topics");
+        Command::Stream { file, feature, replay, replay_format, out, late_out, format, brokers, kafka } => {
+            match (replay, brokers) {
+                (Some(replay), None) => {
+                    let history = history_location(Some(replay), replay_format).expect("a replay URL was given");
+                    stream_replay(&file, &feature, history, out, late_out, format, cli.quiet).await
                 }
-                let options = KafkaRun { brokers, group, instance, until_idle, metrics, online, no_online, max_batch };
-                stream_kafka(&file, &feature, options).await
+                (None, Some(brokers)) => {
+                    if out.is_some() || late_out.is_some() {
+                        bail!("--out and --late-out go with --replay; a Kafka run writes the output and late topics");
+                    }
+                    stream_kafka(&file, &feature, &brokers, kafka).await
+                }
+                (Some(_), Some(_)) => bail!("give either --replay URL or --brokers HOST:PORT, not both"),
+                (None, None) => bail!(
+                    "give --brokers HOST:PORT to consume the source topic, or --replay URL to replay a history without a broker"
+                ),
             }
-            (Some(_), Some(_)) => bail!("give either --replay URL or --brokers HOST:PORT, not both"),
-            (None, None) => bail!(
-                "give --brokers HOST:PORT to consume the source topic, or --replay URL to replay a history without a broker"
-            ),
-        },
+        }
     }
 }
 
@@ -681,18 +648,42 @@ async fn produce(
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a Kafka run of `lockstep stream` works.
+#[derive(clap::Args)]
 struct KafkaRun {
-    brokers: String,
+    /// Consumer group (default: lockstep.<feature set>).
+    #[arg(long)]
     group: Option<String>,
+    /// This worker's stable name in the group (default: the host name). Give each worker of
+    /// a group its own, and keep it across restarts.
+    #[arg(long)]
     instance: Option<String>,
+    /// End the run once nothing new arrives for this long (e.g. 30s): every open window fires.
+    #[arg(long)]
     until_idle: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// The online store (redis://host:port), overriding the feature's `output.online`.
+    #[arg(long)]
     online: Option<String>,
+    /// Do not write the online store.
+    #[arg(long)]
     no_online: bool,
+    /// Most messages per transaction.
+    #[arg(long, default_value_t = 5_000)]
     max_batch: usize,
+    /// A librdkafka setting for every Kafka client of the job, as KEY=VALUE (repeatable),
+    /// e.g. security.protocol=SASL_SSL.
+    #[arg(long, value_name = "KEY=VALUE")]
+    kafka_config: Vec<String>,
+    /// A librdkafka setting for the job's transactional producer only (repeatable), e.g.
+    /// linger.ms=20.
+    #[arg(long, value_name = "KEY=VALUE")]
+    producer_config: Vec<String>,
 }
 
-async fn stream_kafka(file: &Path, feature: &str, run: KafkaRun) -> Result<ExitCode> {
+async fn stream_kafka(file: &Path, feature: &str, brokers: &str, run: KafkaRun) -> Result<ExitCode> {
     use lockstep_stream::kafka::{KafkaOptions, Worker};
     use lockstep_stream::metrics::{Metrics, serve};
     use lockstep_stream::online::OnlineStore;
@@ -701,8 +692,14 @@ async fn stream_kafka(file: &Path, feature: &str, run: KafkaRun) -> Result<ExitC
     let instance = run.instance.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
     });
-    let mut options = KafkaOptions::new(&run.brokers, &group, &instance);
+    let mut options = KafkaOptions::new(brokers, &group, &instance);
     options.max_batch = run.max_batch.max(1);
+    for setting in &run.kafka_config {
+        options.add_setting(setting, false).context("--kafka-config")?;
+    }
+    for setting in &run.producer_config {
+        options.add_setting(setting, true).context("--producer-config")?;
+    }
     options.until_idle = run
         .until_idle
         .map(|d| lockstep_features::Duration::parse(&d).map(|d| std::time::Duration::from_millis(d.millis() as u64)))
@@ -790,15 +787,16 @@ async fn stream_replay(
     let events = Arc::new(AtomicU64::new(0));
     let counted = events.clone();
     let bar = progress::Progress::follow(quiet, move || format!("{} events replayed", counted.load(Ordering::Relaxed)));
-    let result = lockstep_stream::replay::replay(&compiled, &history, &SessionLimits::default(), events).await;
+    let limits = SessionLimits::default();
+    let result = lockstep_stream::replay::replay(&compiled, &history, &limits, target.is_some(), events).await;
     bar.finish();
     let output = result.with_context(|| format!("feature set `{feature}`"))?;
-    let windows: usize = output.windows.iter().map(|b| b.num_rows()).sum();
     let late_rows: usize = output.late.iter().map(|b| b.num_rows()).sum();
     let c = output.counters;
     let mut metadata = serde_json::Map::new();
     metadata.insert("lockstep.feature".into(), feature.into());
     metadata.insert("lockstep.replay".into(), history.url().into());
+    let final_windows: usize = output.windows.iter().map(|b| b.num_rows()).sum();
     if let Some(target) = &target {
         let mut order = feature_set.key.clone();
         order.push("window_start".into());
@@ -815,11 +813,11 @@ async fn stream_replay(
         "{feature}: replayed {} events in {:.2}s: {} windows fired ({} refired, {} retracted), {} too-late events{}{}",
         c.events,
         output.elapsed.as_secs_f64(),
-        windows,
+        c.fired,
         c.refired,
         c.retracted,
         c.too_late,
-        target.as_ref().map_or(String::new(), |t| format!(" → {}", t.url())),
+        target.as_ref().map_or(String::new(), |t| format!("; {final_windows} final windows → {}", t.url())),
         late_target.as_ref().map_or(String::new(), |t| format!("; {late_rows} late rows → {}", t.url())),
     );
     if c.too_late > 0 && late_target.is_none() {

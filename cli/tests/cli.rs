@@ -399,3 +399,35 @@ features:
         .collect();
     assert!(names.is_empty(), "temporary files left: {names:?}");
 }
+
+/// Kafka client settings: a reserved one is refused before anything connects, a malformed one
+/// says how to write it, and an unknown one is librdkafka's error, naming it.
+#[test]
+fn kafka_settings_are_checked() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/transactions.yaml");
+    let run = |flag: &str, setting: &str| {
+        // Nothing listens on port 9: a setting that passes would end in a broker timeout.
+        let output = lockstep(&[
+            "stream",
+            examples,
+            "--feature",
+            "user_velocity",
+            "--brokers",
+            "127.0.0.1:9",
+            flag,
+            setting,
+            "--no-online",
+        ]);
+        assert!(!output.status.success());
+        stderr(&output)
+    };
+    let message = run("--kafka-config", "isolation.level=read_uncommitted");
+    assert!(message.contains("--kafka-config") && message.contains("`isolation.level`"), "{message}");
+    assert!(message.contains("lockstep sets it itself"), "{message}");
+    let message = run("--producer-config", "transactional.id=mine");
+    assert!(message.contains("--producer-config") && message.contains("`transactional.id`"), "{message}");
+    let message = run("--kafka-config", "linger.ms");
+    assert!(message.contains("write it as KEY=VALUE"), "{message}");
+    let message = run("--kafka-config", "no.such.setting=1");
+    assert!(message.contains("no.such.setting"), "{message}");
+}

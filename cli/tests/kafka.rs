@@ -15,7 +15,7 @@ use arrow::array::RecordBatch;
 use lockstep_batch::{BatchJob, SessionLimits};
 use lockstep_features::{Definitions, Location, compile_feature};
 use lockstep_fixtures::{GenerateOptions, OutputFormat, write_events};
-use lockstep_stream::records::{window_key, window_value};
+use lockstep_stream::records::{WindowRecords, window_key, window_value};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -208,7 +208,8 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     });
 }
 
-/// Every committed record of `topic`, oldest first: (key, value, headers).
+/// Every committed record of `topic`, oldest first: (key, value, headers). The headers also
+/// hold the record's partition, as `kafka.partition`.
 type Record = (Vec<u8>, Option<Vec<u8>>, BTreeMap<String, String>);
 
 fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
@@ -243,7 +244,7 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
         assert!(Instant::now() < deadline, "reading {topic} timed out");
         if let Some(message) = consumer.poll(Duration::from_millis(200)) {
             let message = message.unwrap();
-            let mut headers = BTreeMap::new();
+            let mut headers = BTreeMap::from([("kafka.partition".to_string(), message.partition().to_string())]);
             if let Some(h) = message.headers() {
                 for header in h.iter() {
                     headers.insert(
@@ -300,9 +301,24 @@ async fn parity_with_batch_over_three_partitions() {
     let Some(brokers) = brokers() else { return };
     let fixture = Fixture::new(&brokers, "parity", 3, options(15_000, 5), "7h").await;
     for feature in ["velocity", "sessions"] {
-        let stdout = fixture.run(feature, &unique("g"), &["--no-online"]);
+        // Settings of the user's reach the clients (an unknown one is an error).
+        let stdout = fixture.run(feature, &unique("g"), &["--no-online", "--producer-config", "linger.ms=20"]);
         assert!(stdout.contains("0 too late"), "{stdout}");
-        let got = last_values(&read_topic(&brokers, &fixture.output))
+        let records = read_topic(&brokers, &fixture.output);
+        // A key's windows are all in one output partition: that of its input partition.
+        let mut partitions: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (key, _, headers) in &records {
+            let key: serde_json::Value = serde_json::from_slice(key).unwrap();
+            let user = key["user_id"].as_str().unwrap_or("null").to_string();
+            partitions.entry(user).or_default().insert(headers["kafka.partition"].clone());
+        }
+        assert!(partitions.len() > 10, "{} keys", partitions.len());
+        for (user, held) in &partitions {
+            assert_eq!(held.len(), 1, "the windows of {user} are spread over partitions {held:?}");
+        }
+        let used: std::collections::BTreeSet<&String> = partitions.values().flatten().collect();
+        assert_eq!(used.len(), 3, "keys of three input partitions use three output partitions");
+        let got = last_values(&records)
             .into_iter()
             .filter(|(_, v)| {
                 serde_json::from_slice::<serde_json::Value>(v).unwrap().get(feature_marker(feature)).is_some()
@@ -518,7 +534,8 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     let got = last_values(&read_topic(&brokers, &fixture.output));
     let client = redis::Client::open(redis_url.as_str()).unwrap();
     let mut connection = client.get_connection().unwrap();
-    // Per key, the latest windows by start must be in the store with the topic's values.
+    // Per key, the latest windows by start must be in the store with the topic's values: at least
+    // the `retain` latest (all, for a key with fewer), at most twice that (trimming waits).
     let mut by_key: BTreeMap<String, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
     for (key, value) in &got {
         let key: serde_json::Value = serde_json::from_slice(key).unwrap();
@@ -535,11 +552,17 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
         windows.sort();
         let hash = format!("lockstep:velocity:[\"{user}\"]");
         let stored: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&hash).query(&mut connection).unwrap();
-        let latest = &windows[windows.len().saturating_sub(retain)..];
         let rows: BTreeMap<String, String> = stored.into_iter().filter(|(k, _)| k.starts_with("w:")).collect();
+        let kept = rows.len();
+        assert!(
+            kept >= retain.min(windows.len()) && kept <= 2 * retain,
+            "{hash}: {kept} stored windows of {}, retain {retain}",
+            windows.len()
+        );
+        let latest = &windows[windows.len().saturating_sub(kept)..];
         let expected: BTreeMap<String, String> =
             latest.iter().map(|(start, value)| (format!("w:{start}"), show(value))).collect();
-        assert!(rows == expected, "{hash}: {} stored windows, {} expected", rows.len(), expected.len());
+        assert!(rows == expected, "{hash}: the {kept} stored windows are not the latest ones with the topic's values");
     }
 
     // `lockstep serve` answers from that store with the window SPEC §6 picks for the request
@@ -722,14 +745,17 @@ fn the_online_store_never_moves_a_window_backwards() {
     let stored = |connection: &mut redis::Connection| -> Option<String> {
         redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
     };
-    store.upsert(&compiled, &row(2), 0, &window_value(&row(2), 0), 10).unwrap();
+    let rows = row(2);
+    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
-    store.upsert(&compiled, &row(1), 0, &window_value(&row(1), 0), 5).unwrap();
+    let rows = row(1);
+    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
-    store.upsert(&compiled, &row(3), 0, &window_value(&row(3), 0), 10).unwrap();
+    let rows = row(3);
+    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
     // Retractions follow the same rule.

@@ -31,17 +31,24 @@ enum Last {
 pub struct FinalWindows {
     schema: SchemaRef,
     keys: usize,
+    /// Whether the rows are kept, or only counted.
+    keep: bool,
     batches: Vec<RecordBatch>,
     last: HashMap<(Box<[u8]>, i64), Last>,
 }
 
 impl FinalWindows {
-    pub fn new(schema: SchemaRef, keys: usize) -> Self {
-        FinalWindows { schema, keys, batches: Vec::new(), last: HashMap::new() }
+    /// Final windows of rows of `schema` (the first `keys` columns are the key). Without
+    /// `keep`, nothing is gathered: a run without `--out` holds no window in memory.
+    pub fn new(schema: SchemaRef, keys: usize, keep: bool) -> Self {
+        FinalWindows { schema, keys, keep, batches: Vec::new(), last: HashMap::new() }
     }
 
     /// Takes the fired rows and retractions of one engine call.
     pub fn add(&mut self, effects: &Effects) {
+        if !self.keep {
+            return;
+        }
         let batch = self.batches.len();
         for change in &effects.changes {
             // A window's first change is always its `Fire` (the engine never fires a window on
@@ -61,7 +68,7 @@ impl FinalWindows {
         }
     }
 
-    /// The final rows: each window's last value, retracted windows left out.
+    /// The final rows: each window's last value, retracted windows left out (none unless kept).
     pub fn finish(self) -> Result<Vec<RecordBatch>> {
         if self.last.is_empty() {
             return Ok(self.batches);

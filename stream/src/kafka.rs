@@ -44,7 +44,7 @@ use crate::engine::{ChangeKind, Effects, Engine};
 use crate::error::StreamError;
 use crate::metrics::Metrics;
 use crate::online::OnlineStore;
-use crate::records::{window_key, window_key_of, window_value};
+use crate::records::{WindowRecords, window_key_of};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -65,7 +65,22 @@ pub struct KafkaOptions {
     pub transaction_timeout: Duration,
     /// Group session timeout; a crashed worker's partitions move after this long.
     pub session_timeout: Duration,
+    /// librdkafka settings for every client of the job (`--kafka-config`), e.g. TLS or SASL.
+    pub client_config: Vec<(String, String)>,
+    /// librdkafka settings for the transactional producer only (`--producer-config`).
+    pub producer_config: Vec<(String, String)>,
 }
+
+/// Settings the job makes itself, because exactly-once or the group depends on them.
+const RESERVED_SETTINGS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "transactional.id",
+    "enable.idempotence",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
 
 impl KafkaOptions {
     pub fn new(brokers: &str, group: &str, instance: &str) -> Self {
@@ -78,7 +93,40 @@ impl KafkaOptions {
             batch_wait: Duration::from_millis(200),
             transaction_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(6),
+            client_config: Vec::new(),
+            producer_config: Vec::new(),
         }
+    }
+
+    /// Adds a librdkafka setting given as `KEY=VALUE`, for every client or (`producer`) for the
+    /// transactional producer only. Settings exactly-once depends on are refused.
+    pub fn add_setting(&mut self, setting: &str, producer: bool) -> Result<(), StreamError> {
+        let Some((key, value)) = setting.split_once('=') else {
+            return Err(StreamError::Config(format!("Kafka setting `{setting}`: write it as KEY=VALUE")));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(StreamError::Config(format!("Kafka setting `{setting}`: the key is empty")));
+        }
+        if RESERVED_SETTINGS.contains(&key) {
+            return Err(StreamError::Config(format!(
+                "Kafka setting `{key}`: lockstep sets it itself (brokers come from --brokers, the group from \
+                 --group; exactly-once needs the rest as they are)"
+            )));
+        }
+        let list = if producer { &mut self.producer_config } else { &mut self.client_config };
+        list.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    /// `config` with the brokers and the user's settings (which win over the job's defaults).
+    fn client(&self, mut config: ClientConfig, producer: bool) -> ClientConfig {
+        config.set("bootstrap.servers", &self.brokers);
+        let extra = if producer { &self.producer_config[..] } else { &[] };
+        for (key, value) in self.client_config.iter().chain(extra) {
+            config.set(key, value);
+        }
+        config
     }
 }
 
@@ -209,6 +257,8 @@ pub struct Worker {
     /// Rebalances seen, to restart the idle clock.
     assignments: u64,
     input_partitions: i32,
+    /// Windows of input partition `p` go to output partition `p % output_partitions`.
+    output_partitions: i32,
     /// Produce times (ms) of the messages that caused this cycle's window changes.
     produced: Vec<i64>,
 }
@@ -226,31 +276,40 @@ impl Worker {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StreamError> {
         let topics = Topics::of(&feature, &options.group)?;
-        let input_partitions = ensure_topics(&options, &topics)?;
+        let (input_partitions, output_partitions) = ensure_topics(&options, &topics)?;
         let context = GroupContext { topic: topics.input.clone(), events: Mutex::new(Vec::new()) };
-        let consumer: BaseConsumer<GroupContext> = ClientConfig::new()
-            .set("bootstrap.servers", &options.brokers)
-            .set("group.id", &options.group)
+        let mut consumer = ClientConfig::new();
+        consumer
             .set("client.id", format!("lockstep-{}", options.instance))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (options.session_timeout.as_millis() / 6).max(100).to_string())
-            .set("max.poll.interval.ms", "300000")
+            .set("max.poll.interval.ms", "300000");
+        let consumer: BaseConsumer<GroupContext> = options
+            .client(consumer, false)
+            .set("group.id", &options.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
             .create_with_context(context)
             .map_err(kafka)?;
         let transactional_id = format!("{}.{}.{}", options.group, feature.feature.name, options.instance);
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", &options.brokers)
-            .set("transactional.id", &transactional_id)
-            .set("enable.idempotence", "true")
+        let mut producer = ClientConfig::new();
+        producer
             .set("transaction.timeout.ms", options.transaction_timeout.as_millis().to_string())
             .set("message.timeout.ms", (options.transaction_timeout.as_millis() * 9 / 10).to_string())
-            .set("linger.ms", "5")
+            // A cycle's records are flushed by its commit: batch them in large message sets.
+            .set("linger.ms", "50")
+            .set("batch.num.messages", "100000")
+            .set("queue.buffering.max.messages", "1000000")
             .set("compression.type", "lz4")
+            // Errors surface when the transaction commits; a report per record is only work.
+            .set("delivery.report.only.error", "true");
+        let producer: ThreadedProducer<DefaultProducerContext> = options
+            .client(producer, true)
+            .set("transactional.id", &transactional_id)
+            .set("enable.idempotence", "true")
             .create()
             .map_err(kafka)?;
         // Aborts whatever this worker's previous run left open, and fences it.
@@ -271,6 +330,7 @@ impl Worker {
             summary: KafkaSummary::default(),
             assignments: 0,
             input_partitions,
+            output_partitions,
             produced: Vec::new(),
         })
     }
@@ -423,8 +483,9 @@ impl Worker {
     /// Rebuilds partition `p`'s engine from its changelog partition.
     fn restore(&self, p: i32) -> Result<Engine, StreamError> {
         let mut engine = Engine::new(&self.feature, true)?;
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.options.brokers)
+        let reader: BaseConsumer = self
+            .options
+            .client(ClientConfig::new(), false)
             .set("group.id", format!("{}.restore", self.options.group))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
@@ -496,8 +557,8 @@ impl Worker {
                 state.next_offset = next;
             }
         }
-        if let Some(online) = &mut self.online {
-            online.flush()?;
+        if self.online.is_some() {
+            self.flush_outputs()?;
             self.metrics.observe_output_latency(&self.produced, now_millis());
             self.produced.clear();
         }
@@ -547,7 +608,8 @@ impl Worker {
         self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
         self.metrics.late_applied.store(state.engine.counters().late_applied, Ordering::Relaxed);
         let engine = &self.partitions[&p].engine;
-        emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+        let output = (self.topics.output.as_str(), p % self.output_partitions);
+        emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
         self.summary.windows += effects.changes.len() as u64;
         for change in &effects.changes {
             let at = messages.partition_point(|m| (m.offset() as u64) < change.seq);
@@ -586,18 +648,34 @@ impl Worker {
             let state = self.partitions.get_mut(&p).expect("listed above");
             let effects = state.engine.advance_idle(now, state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            let output = (self.topics.output.as_str(), p % self.output_partitions);
+            emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
             let state = self.partitions.get_mut(&p).expect("listed above");
             write_changelog(&self.producer, &self.topics, p, &mut state.engine)?;
         }
-        if let Some(online) = &mut self.online {
-            online.flush()?;
-        }
+        self.flush_outputs()?;
         if self.commit(None)? {
             self.summary.transactions += 1;
         }
         Ok(())
+    }
+
+    /// Writes the buffered online-store writes while the producer sends the open transaction's
+    /// records. Both must be done before the transaction commits (so a crash after the commit
+    /// loses no write), but neither needs to wait for the other.
+    fn flush_outputs(&mut self) -> Result<(), StreamError> {
+        let Some(online) = self.online.as_mut() else { return Ok(()) };
+        let producer = &self.producer;
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(|| producer.flush(Duration::from_secs(60)));
+            let written = online.flush();
+            // A failed send fails the commit, which handles it (abort and rewind).
+            if let Ok(Err(error)) = sending.join() {
+                warn!(%error, "sending the cycle's records before the commit failed");
+            }
+            written
+        })
     }
 
     /// Commits the open transaction, with the input `offsets` if given, and says whether it
@@ -663,12 +741,11 @@ impl Worker {
             let state = self.partitions.get_mut(&p).expect("listed above");
             let effects = state.engine.finish(state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            emit(&self.producer, &self.topics, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            let output = (self.topics.output.as_str(), p % self.output_partitions);
+            emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
         }
-        if let Some(online) = &mut self.online {
-            online.flush()?;
-        }
+        self.flush_outputs()?;
         let committed = self.commit(None)?;
         if committed {
             self.summary.transactions += 1;
@@ -677,10 +754,10 @@ impl Worker {
     }
 }
 
-/// Sends fired windows and retractions to the output topic and the online store.
+/// Sends fired windows and retractions to `output` (topic, partition) and the online store.
 fn emit(
     producer: &ThreadedProducer<DefaultProducerContext>,
-    topics: &Topics,
+    output: (&str, i32),
     feature: &CompiledFeature,
     engine: &Engine,
     effects: &Effects,
@@ -700,31 +777,46 @@ fn emit(
     };
     let mut retraction = 0;
     let mut latest_end = i64::MIN;
+    let records = rows.map(|rows| WindowRecords::new(rows, keys));
+    let (mut key, mut value) = (Vec::with_capacity(64), Vec::with_capacity(256));
+    // One timestamp for the records of one call (a clock read per record is measurable).
+    let timestamp = now_millis();
+    let (topic, partition) = output;
     for change in &effects.changes {
         let label = match change.kind {
             ChangeKind::Fire => "fire",
             ChangeKind::Refire => "refire",
             ChangeKind::Retract => "retract",
         };
-        let headers = OwnedHeaders::new()
+        let headers = OwnedHeaders::new_with_capacity(2)
             .insert(Header { key: "lockstep.change", value: Some(label) })
             .insert(Header { key: "lockstep.feature", value: Some(feature.feature.name.as_str()) });
-        match (change.row, rows) {
-            (Some(row), Some(rows)) => {
-                let key = window_key(rows, keys, row);
-                let value = window_value(rows, row);
-                send(
-                    producer,
-                    BaseRecord::to(&topics.output).key(key.as_slice()).payload(value.as_slice()).headers(headers),
-                )?;
+        match (change.row, &records) {
+            (Some(row), Some(records)) => {
+                key.clear();
+                value.clear();
+                records.key(&mut key, row);
+                records.value(&mut value, row);
+                let record = BaseRecord::to(topic)
+                    .partition(partition)
+                    .timestamp(timestamp)
+                    .key(key.as_slice())
+                    .payload(value.as_slice())
+                    .headers(headers);
+                send(producer, record)?;
                 if let Some(store) = online.as_deref_mut() {
-                    store.upsert(feature, rows, row, &value, change.seq)?;
+                    store.upsert(feature, records, row, &value, change.seq)?;
                 }
                 latest_end = latest_end.max(change.end);
             }
             _ => {
                 let key = window_key_of(&feature.feature.key, &retracted_keys, retraction, change.start);
-                send(producer, BaseRecord::<'_, [u8], [u8]>::to(&topics.output).key(key.as_slice()).headers(headers))?;
+                let record = BaseRecord::<'_, [u8], [u8]>::to(topic)
+                    .partition(partition)
+                    .timestamp(timestamp)
+                    .key(key.as_slice())
+                    .headers(headers);
+                send(producer, record)?;
                 if let Some(store) = online.as_deref_mut() {
                     store.delete(feature, &retracted_keys, retraction, change.start, change.seq)?;
                 }
@@ -799,11 +891,11 @@ where
     }
 }
 
-/// Creates the job's topics that do not exist yet; the input topic must exist. Returns its
-/// number of partitions.
-fn ensure_topics(options: &KafkaOptions, topics: &Topics) -> Result<i32, StreamError> {
+/// Creates the job's topics that do not exist yet; the input topic must exist. Returns the
+/// number of partitions of the input and of the output topic.
+fn ensure_topics(options: &KafkaOptions, topics: &Topics) -> Result<(i32, i32), StreamError> {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &options.brokers).create().map_err(kafka)?;
+        options.client(ClientConfig::new(), false).create().map_err(kafka)?;
     let metadata = admin.inner().fetch_metadata(Some(&topics.input), Duration::from_secs(30)).map_err(kafka)?;
     let partitions = metadata
         .topics()
@@ -831,25 +923,33 @@ fn ensure_topics(options: &KafkaOptions, topics: &Topics) -> Result<i32, StreamE
             Err((topic, code)) => return Err(StreamError::Kafka(format!("cannot create topic `{topic}`: {code}"))),
         }
     }
-    // The changelog must match the input partition for partition. A topic just created can take
-    // a moment to appear in the metadata: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let changelog_partitions = loop {
-        let changelog =
-            admin.inner().fetch_metadata(Some(&topics.changelog), Duration::from_secs(30)).map_err(kafka)?;
-        let found = changelog.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
-        if found > 0 || Instant::now() >= deadline {
-            break found;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // The changelog must match the input partition for partition.
+    let changelog_partitions = partitions_of(&admin, &topics.changelog)?;
     if changelog_partitions != partitions {
         return Err(StreamError::Kafka(format!(
             "changelog `{}` has {changelog_partitions} partitions but `{}` has {partitions}; they must match",
             topics.changelog, topics.input
         )));
     }
-    Ok(partitions as i32)
+    let output_partitions = partitions_of(&admin, &topics.output)?;
+    if output_partitions == 0 {
+        return Err(StreamError::Kafka(format!("output topic `{}` has no partitions", topics.output)));
+    }
+    Ok((partitions as i32, output_partitions as i32))
+}
+
+/// The number of partitions of `topic`. A topic just created can take a moment to appear in
+/// the metadata: waits up to 30 s for it, then says 0.
+fn partitions_of(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<usize, StreamError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(kafka)?;
+        let found = metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
+        if found > 0 || Instant::now() >= deadline {
+            return Ok(found);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn now_millis() -> i64 {

@@ -9,39 +9,57 @@
 //! Writes are idempotent and never move a window backwards: a write whose version is lower than
 //! the stored one is ignored, so a cycle replayed after a crash rewrites the same values and a
 //! stale writer cannot undo a newer one. A retraction deletes the row.
-//! Each hash keeps the `retain` most recent windows (by start) — enough for the read of SPEC §7
-//! at any time within the serving delay and allowed lateness — and expires after `ttl` without
-//! writes.
+//! Each hash keeps at least the `retain` most recent windows (by start) — enough for the read of
+//! SPEC §7 at any time within the serving delay and allowed lateness — and expires after `ttl`
+//! without writes. Trimming lists and sorts the hash's fields, so it waits until the hash holds
+//! twice `retain` windows and then cuts it back to `retain`: once per `retain` writes of a key,
+//! not on every write.
 
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::ArrayRef;
 use lockstep_features::{CompiledFeature, Window};
 use serde_json::Value as Json;
 
 use crate::error::StreamError;
-use crate::records::cell_json;
+use crate::records::{WindowRecords, cell_json};
 
-/// Versioned upserts and deletes of one hash, then trimming and expiry, in one atomic step.
+/// Versioned upserts and deletes of one hash, then trimming (beyond twice `retain` windows, back
+/// to `retain`) and expiry, in one atomic step.
 /// ARGV: retain, ttl ms, then (window start, version, row JSON or '' to delete) triples, in
 /// version order. Writes of one key come from one input partition in offset order, so one
 /// version per hash is enough: a write older than the last one applied is a replay.
 const WRITE: &str = r#"
 local retain = tonumber(ARGV[1])
 local current = redis.call('HGET', KEYS[1], 'version')
+-- Consecutive upserts go out as one HSET (a call per field costs more than the field).
+local fields = {}
+local function set()
+  if #fields > 0 then
+    redis.call('HSET', KEYS[1], unpack(fields))
+    fields = {}
+  end
+end
 for i = 3, #ARGV, 3 do
   local version = ARGV[i + 1]
   if not current or current <= version then
     current = version
     if ARGV[i + 2] == '' then
+      set()
       redis.call('HDEL', KEYS[1], 'w:' .. ARGV[i])
     else
-      redis.call('HSET', KEYS[1], 'w:' .. ARGV[i], ARGV[i + 2])
+      fields[#fields + 1] = 'w:' .. ARGV[i]
+      fields[#fields + 1] = ARGV[i + 2]
+      if #fields >= 1000 then
+        set()
+      end
     end
   end
 end
 if current then
-  redis.call('HSET', KEYS[1], 'version', current)
+  fields[#fields + 1] = 'version'
+  fields[#fields + 1] = current
 end
-if redis.call('HLEN', KEYS[1]) > retain + 1 then
+set()
+if redis.call('HLEN', KEYS[1]) > 2 * retain + 1 then
   local starts = {}
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
     if string.sub(name, 1, 2) == 'w:' then
@@ -117,24 +135,21 @@ impl OnlineStore {
         }
     }
 
-    /// Buffers the row `row` of `rows` (output schema), already encoded as `value` (the output
+    /// Buffers row `row` of `records` (output rows), already encoded as `value` (the output
     /// topic's JSON), with version `version`.
     pub fn upsert(
         &mut self,
         feature: &CompiledFeature,
-        rows: &RecordBatch,
+        records: &WindowRecords<'_>,
         row: usize,
         value: &[u8],
         version: u64,
     ) -> Result<(), StreamError> {
-        let keys = feature.key_types.len();
-        let key: Vec<Json> = (0..keys).map(|i| cell_json(rows.column(i), row)).collect();
-        let start = match cell_json(rows.column(keys), row) {
-            Json::Number(n) => n.as_i64().unwrap_or_default(),
-            _ => 0,
-        };
+        let mut hash = format!("lockstep:{}:", feature.feature.name).into_bytes();
+        records.key_array(&mut hash, row);
+        let hash = String::from_utf8(hash).map_err(|e| StreamError::Execution(e.to_string()))?;
         let value = String::from_utf8(value.to_vec()).map_err(|e| StreamError::Execution(e.to_string()))?;
-        self.write(hash_name(&feature.feature.name, &key), start, version, value);
+        self.write(hash, records.start(row), version, value);
         Ok(())
     }
 

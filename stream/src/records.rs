@@ -9,7 +9,11 @@
 //!   `window_end`, aggregates); times are epoch milliseconds, floats are JSON numbers in
 //!   shortest round-trip form (read back with correct rounding they give the same bits) or the
 //!   strings `"NaN"`, `"Infinity"`, `"-Infinity"`; a retracted session is a tombstone (no value);
-//! - headers: `lockstep.change` = `fire`, `refire` or `retract`; `lockstep.feature`.
+//! - headers: `lockstep.change` = `fire`, `refire` or `retract`; `lockstep.feature`;
+//! - partition: the windows of input partition `p` go to output partition `p` (modulo the output
+//!   topic's partitions), so with the input keyed by the feature key, all windows of a key are in
+//!   one partition, in the order they fired;
+//! - timestamp: when the record was produced (one clock read per micro-batch of a partition).
 //!
 //! **Late topic** (`<source topic>.late`): the original message value, with headers
 //! `lockstep.reason`, `lockstep.event_time` and `lockstep.watermark` (epoch milliseconds),
@@ -50,53 +54,151 @@ pub fn float_json(x: f64) -> Json {
     }
 }
 
-/// Appends the JSON text of one cell: the text [`cell_json`] serializes to, written straight
-/// from the Arrow column (fired windows are the streaming job's bulk output).
-fn write_cell(out: &mut Vec<u8>, column: &ArrayRef, row: usize) {
-    use std::io::Write as _;
-    if column.is_null(row) {
-        out.extend_from_slice(b"null");
-        return;
-    }
-    let written = match column.data_type() {
-        DataType::Int64 => write!(out, "{}", column.as_primitive::<Int64Type>().value(row)),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            write!(out, "{}", column.as_primitive::<TimestampMillisecondType>().value(row))
-        }
-        DataType::Float64 => {
-            let x = column.as_primitive::<Float64Type>().value(row);
-            match x {
-                x if x.is_finite() => serde_json::to_writer(&mut *out, &x).map_err(std::io::Error::from),
-                x if x.is_nan() => out.write_all(b"\"NaN\""),
-                x if x > 0.0 => out.write_all(b"\"Infinity\""),
-                _ => out.write_all(b"\"-Infinity\""),
-            }
-        }
-        DataType::Utf8 => serde_json::to_writer(&mut *out, column.as_string::<i32>().value(row)).map_err(Into::into),
-        DataType::Boolean => out.write_all(if column.as_boolean().value(row) { b"true" } else { b"false" }),
-        _ => serde_json::to_writer(&mut *out, &cell_json(column, row)).map_err(Into::into),
-    };
-    written.expect("writing to a Vec cannot fail");
+/// One column of a batch of window rows, read without a type check per cell.
+enum Cells<'a> {
+    Int(&'a arrow::array::Int64Array),
+    Time(&'a arrow::array::TimestampMillisecondArray),
+    Float(&'a arrow::array::Float64Array),
+    Text(&'a arrow::array::StringArray),
+    Bool(&'a arrow::array::BooleanArray),
+    Other(&'a ArrayRef),
 }
 
-/// Appends `"name":` (the name escaped as JSON), after a comma unless the object is empty so far.
-fn write_name(out: &mut Vec<u8>, name: &str) {
-    if out.last() != Some(&b'{') {
-        out.push(b',');
+impl<'a> Cells<'a> {
+    fn of(column: &'a ArrayRef) -> Self {
+        match column.data_type() {
+            DataType::Int64 => Cells::Int(column.as_primitive::<Int64Type>()),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                Cells::Time(column.as_primitive::<TimestampMillisecondType>())
+            }
+            DataType::Float64 => Cells::Float(column.as_primitive::<Float64Type>()),
+            DataType::Utf8 => Cells::Text(column.as_string::<i32>()),
+            DataType::Boolean => Cells::Bool(column.as_boolean()),
+            _ => Cells::Other(column),
+        }
     }
-    serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
+
+    /// Appends the JSON text of one cell: the text [`cell_json`] serializes to.
+    fn write(&self, out: &mut Vec<u8>, row: usize) {
+        let null = match self {
+            Cells::Int(a) => a.is_null(row),
+            Cells::Time(a) => a.is_null(row),
+            Cells::Float(a) => a.is_null(row),
+            Cells::Text(a) => a.is_null(row),
+            Cells::Bool(a) => a.is_null(row),
+            Cells::Other(a) => a.is_null(row),
+        };
+        if null {
+            out.extend_from_slice(b"null");
+            return;
+        }
+        match self {
+            Cells::Int(a) => write_int(out, a.value(row)),
+            Cells::Time(a) => write_int(out, a.value(row)),
+            Cells::Float(a) => write_float(out, a.value(row)),
+            Cells::Text(a) => {
+                serde_json::to_writer(&mut *out, a.value(row)).expect("writing to a Vec cannot fail");
+            }
+            Cells::Bool(a) => out.extend_from_slice(if a.value(row) { b"true" } else { b"false" }),
+            Cells::Other(a) => {
+                serde_json::to_writer(&mut *out, &cell_json(a, row)).expect("writing to a Vec cannot fail");
+            }
+        }
+    }
+}
+
+fn write_int(out: &mut Vec<u8>, x: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(x).as_bytes());
+}
+
+/// A float as [`float_json`] writes it: shortest round-trip digits (serde_json's own
+/// formatter), or a string for NaN and the infinities.
+fn write_float(out: &mut Vec<u8>, x: f64) {
+    if x.is_finite() {
+        out.extend_from_slice(zmij::Buffer::new().format_finite(x).as_bytes());
+    } else if x.is_nan() {
+        out.extend_from_slice(b"\"NaN\"");
+    } else if x > 0.0 {
+        out.extend_from_slice(b"\"Infinity\"");
+    } else {
+        out.extend_from_slice(b"\"-Infinity\"");
+    }
+}
+
+/// `"name":` with the name escaped as JSON.
+fn json_name(name: &str) -> Vec<u8> {
+    let mut out = serde_json::to_vec(name).expect("a string serializes");
     out.push(b':');
+    out
+}
+
+/// The output records of a batch of window rows (output schema: keys, `window_start`,
+/// `window_end`, aggregates). Column names are escaped once per batch, and cells are read
+/// without a type check each: fired windows are the streaming job's bulk output.
+pub struct WindowRecords<'a> {
+    keys: usize,
+    names: Vec<Vec<u8>>,
+    cells: Vec<Cells<'a>>,
+}
+
+impl<'a> WindowRecords<'a> {
+    /// Records of `batch`, whose first `keys` columns are the key.
+    pub fn new(batch: &'a RecordBatch, keys: usize) -> Self {
+        WindowRecords {
+            keys,
+            names: batch.schema_ref().fields().iter().map(|f| json_name(f.name())).collect(),
+            cells: batch.columns().iter().map(Cells::of).collect(),
+        }
+    }
+
+    fn object(&self, out: &mut Vec<u8>, row: usize, columns: usize) {
+        out.push(b'{');
+        for (i, (name, cells)) in self.names.iter().zip(&self.cells).take(columns).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(name);
+            cells.write(out, row);
+        }
+        out.push(b'}');
+    }
+
+    /// Appends the record key of row `row`: its key columns and `window_start`.
+    pub fn key(&self, out: &mut Vec<u8>, row: usize) {
+        self.object(out, row, self.keys + 1);
+    }
+
+    /// Appends the record value of row `row`: the whole row (SPEC §2 order).
+    pub fn value(&self, out: &mut Vec<u8>, row: usize) {
+        self.object(out, row, self.cells.len());
+    }
+
+    /// Appends the key values of row `row` as a JSON array (the online store's hash name).
+    pub fn key_array(&self, out: &mut Vec<u8>, row: usize) {
+        out.push(b'[');
+        for (i, cells) in self.cells.iter().take(self.keys).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            cells.write(out, row);
+        }
+        out.push(b']');
+    }
+
+    /// The `window_start` of row `row` (epoch milliseconds).
+    pub fn start(&self, row: usize) -> i64 {
+        match &self.cells[self.keys] {
+            Cells::Time(a) => a.value(row),
+            Cells::Int(a) => a.value(row),
+            _ => 0,
+        }
+    }
 }
 
 /// The record key of a window: its key columns and `window_start`, in that order.
 pub fn window_key(batch: &RecordBatch, keys: usize, row: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    out.push(b'{');
-    for (i, field) in batch.schema_ref().fields().iter().enumerate().take(keys + 1) {
-        write_name(&mut out, field.name());
-        write_cell(&mut out, batch.column(i), row);
-    }
-    out.push(b'}');
+    WindowRecords::new(batch, keys).key(&mut out, row);
     out
 }
 
@@ -105,11 +207,12 @@ pub fn window_key_of(names: &[String], key_columns: &[ArrayRef], row: usize, sta
     let mut out = Vec::with_capacity(64);
     out.push(b'{');
     for (name, column) in names.iter().zip(key_columns) {
-        write_name(&mut out, name);
-        write_cell(&mut out, column, row);
+        out.extend_from_slice(&json_name(name));
+        Cells::of(column).write(&mut out, row);
+        out.push(b',');
     }
-    write_name(&mut out, "window_start");
-    std::io::Write::write_fmt(&mut out, format_args!("{start}")).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(&json_name("window_start"));
+    write_int(&mut out, start);
     out.push(b'}');
     out
 }
@@ -117,12 +220,7 @@ pub fn window_key_of(names: &[String], key_columns: &[ArrayRef], row: usize, sta
 /// The record value of a window: the whole row, in the output schema's order (SPEC §2).
 pub fn window_value(batch: &RecordBatch, row: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.push(b'{');
-    for (i, field) in batch.schema_ref().fields().iter().enumerate() {
-        write_name(&mut out, field.name());
-        write_cell(&mut out, batch.column(i), row);
-    }
-    out.push(b'}');
+    WindowRecords::new(batch, 0).value(&mut out, row);
     out
 }
 

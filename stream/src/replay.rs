@@ -27,7 +27,7 @@ const ORDER_COLUMN: &str = "__lockstep_file_order";
 
 /// What a replay produced.
 pub struct ReplayOutput {
-    /// The final value of every window fired, unordered.
+    /// The final value of every window fired, unordered (empty unless the windows were kept).
     pub windows: Vec<RecordBatch>,
     pub window_schema: SchemaRef,
     /// Too-late events (source columns plus the late columns).
@@ -37,11 +37,13 @@ pub struct ReplayOutput {
     pub elapsed: Duration,
 }
 
-/// Replays `history` through the engine of `feature`. `progress` counts events read.
+/// Replays `history` through the engine of `feature`. `progress` counts events read. With
+/// `keep_windows`, the final windows are returned; otherwise only counted.
 pub async fn replay(
     feature: &CompiledFeature,
     history: &Location,
     limits: &SessionLimits,
+    keep_windows: bool,
     progress: Arc<AtomicU64>,
 ) -> Result<ReplayOutput, StreamError> {
     let started = Instant::now();
@@ -68,7 +70,7 @@ pub async fn replay(
     let mut engine = Engine::new(feature, false)?;
     let window_schema = engine.output_schema().clone();
     let late_schema = late_schema(&feature.source_schema);
-    let mut windows = FinalWindows::new(window_schema.clone(), feature.key_types.len());
+    let mut windows = FinalWindows::new(window_schema.clone(), feature.key_types.len(), keep_windows);
     let mut late = Vec::new();
     let mut seq = 0u64;
     let mut stream = frame.execute_stream().await?;

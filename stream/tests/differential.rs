@@ -101,7 +101,7 @@ fn stream_rows(
 ) -> (Rows, BTreeSet<(String, i64)>, bool) {
     let evaluator = StageEvaluator::new(feature).unwrap();
     let mut engine = Engine::new(feature, true).unwrap();
-    let mut windows = FinalWindows::new(engine.output_schema().clone(), 1);
+    let mut windows = FinalWindows::new(engine.output_schema().clone(), 1, true);
     let mut late = BTreeSet::new();
     let mut session_late = false;
     let (mut at, mut c) = (0, 0);

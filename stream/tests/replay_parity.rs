@@ -102,7 +102,10 @@ async fn batch_rows(feature: &CompiledFeature, history: &Location) -> Rows {
 
 async fn replay_rows(feature: &CompiledFeature, history: &Location) -> (Rows, Vec<RecordBatch>) {
     let limits = SessionLimits { memory_limit: 256 << 20, partitions: 1, cluster: None, ..SessionLimits::default() };
-    let out = replay(feature, history, &limits, Arc::new(AtomicU64::new(0))).await.unwrap();
+    let out = replay(feature, history, &limits, true, Arc::new(AtomicU64::new(0))).await.unwrap();
+    let unkept = replay(feature, history, &limits, false, Arc::new(AtomicU64::new(0))).await.unwrap();
+    assert!(unkept.windows.is_empty(), "windows are not kept without --out");
+    assert_eq!(unkept.counters, out.counters, "keeping windows or not, the engine does the same");
     (rows_of(&out.windows), out.late)
 }
 
@@ -205,7 +208,7 @@ fn run_engine(feature: &CompiledFeature, events: &RecordBatch, seed: u64, restar
     let evaluator = StageEvaluator::new(feature).unwrap();
     let mut engine = Engine::new(feature, true).unwrap();
     let mut changelog: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut windows = FinalWindows::new(engine.output_schema().clone(), 1);
+    let mut windows = FinalWindows::new(engine.output_schema().clone(), 1, true);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut at = 0;
     let mut restored = 0;

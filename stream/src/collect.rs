@@ -2,9 +2,10 @@
 //! (`--late-out`), gathered from the engine's effects.
 //!
 //! A window may fire more than once (late updates) or be retracted (sessions merged by a late
-//! event); only its last change counts. A window's first change is always its fire, and later
-//! changes are rare, so only windows that changed again are remembered by key; every other row
-//! is kept as fired.
+//! event); only its last change counts. The engine fires a window on time at most once, and
+//! refires and retractions are rare, so only windows with a refire or retraction are remembered
+//! by key (a late event can also give a window its first row, as a refire); every other row is
+//! kept as fired.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,8 +52,8 @@ impl FinalWindows {
         }
         let batch = self.batches.len();
         for change in &effects.changes {
-            // A window's first change is always its `Fire` (the engine never fires a window on
-            // time twice): only later changes need remembering.
+            // A window fires on time at most once, and never after a refire (the watermark had
+            // passed it): if nothing else changes it, that row is its last.
             if change.kind == ChangeKind::Fire {
                 continue;
             }

@@ -173,9 +173,7 @@ impl PaneSlider {
         }
         Ok(())
     }
-}
 
-impl PaneSlider {
     /// How many windows after the one starting at pane `start` hold the same panes, and start
     /// before pane `limit`: until the oldest pane held leaves, or the next queued pane enters.
     /// Zero when the run's bounds would not be exact milliseconds.

@@ -48,9 +48,12 @@ impl RowSink {
         }
     }
 
-    /// Output rows that follow are for `key` (called when the key changes).
+    /// Output rows that follow are for `key`. A key equal to the last one begun continues it
+    /// (the stream begins a key for every window it fires, and fires a key's windows together).
     pub fn begin_key(&mut self, key: &OwnedRow) {
-        self.keys.push(key.clone());
+        if self.keys.last().is_none_or(|last| last.row() != key.row()) {
+            self.keys.push(key.clone());
+        }
     }
 
     /// Appends a window of the key last begun, and the run of windows with the same states

@@ -90,7 +90,12 @@ pub struct OnlineStore {
 
 /// The hash name of a key of a feature set.
 pub fn hash_name(feature: &str, key: &[Json]) -> String {
-    format!("lockstep:{feature}:{}", Json::Array(key.to_vec()))
+    format!("{}{}", hash_prefix(feature), Json::Array(key.to_vec()))
+}
+
+/// What every hash name of a feature set starts with; the key's JSON array follows.
+fn hash_prefix(feature: &str) -> String {
+    format!("lockstep:{feature}:")
 }
 
 /// How many recent windows per key the store keeps for `feature`.
@@ -145,7 +150,7 @@ impl OnlineStore {
         value: &[u8],
         version: u64,
     ) -> Result<(), StreamError> {
-        let mut hash = format!("lockstep:{}:", feature.feature.name).into_bytes();
+        let mut hash = hash_prefix(&feature.feature.name).into_bytes();
         records.key_array(&mut hash, row);
         let hash = String::from_utf8(hash).map_err(|e| StreamError::Execution(e.to_string()))?;
         let value = String::from_utf8(value.to_vec()).map_err(|e| StreamError::Execution(e.to_string()))?;

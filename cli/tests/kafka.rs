@@ -727,18 +727,19 @@ fn the_online_store_never_moves_a_window_backwards() {
     );
     let definitions = Definitions::parse("v.yaml", &text, Path::new(".")).unwrap();
     let compiled = compile_feature(&definitions, definitions.feature(&feature_name).unwrap()).unwrap();
-    let row = |n: i64| {
+    let row_at = |n: i64, start: i64| {
         RecordBatch::try_new(
             compiled.output_schema(),
             vec![
                 Arc::new(StringArray::from(vec!["a"])),
-                Arc::new(TimestampMillisecondArray::from(vec![0]).with_timezone("UTC")),
-                Arc::new(TimestampMillisecondArray::from(vec![60_000]).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(vec![start]).with_timezone("UTC")),
+                Arc::new(TimestampMillisecondArray::from(vec![start + 60_000]).with_timezone("UTC")),
                 Arc::new(Int64Array::from(vec![n])),
             ],
         )
         .unwrap()
     };
+    let row = |n: i64| row_at(n, 0);
     let mut store = OnlineStore::connect(&redis_url, &compiled).unwrap();
     let mut connection = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
     let hash = format!("lockstep:{feature_name}:[\"a\"]");
@@ -766,6 +767,16 @@ fn the_online_store_never_moves_a_window_backwards() {
     store.delete(&compiled, &keys, 0, 0, 11).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).is_none());
+    // One flush carrying a replayed write (of another window) and a new one applies the new one.
+    let (old, new) = (row_at(7, 60_000), row(5));
+    store.upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
+    store.upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
+    store.flush().unwrap();
+    assert!(stored(&mut connection).unwrap().contains("\"n\":5"));
+    let replayed: Option<String> = redis::cmd("HGET").arg(&hash).arg("w:60000").query(&mut connection).unwrap();
+    assert_eq!(replayed, None, "a write older than the hash's version is a replay");
+    let version: String = redis::cmd("HGET").arg(&hash).arg("version").query(&mut connection).unwrap();
+    assert_eq!(version, format!("{:020}", 12));
     let ttl: i64 = redis::cmd("PTTL").arg(&hash).query(&mut connection).unwrap();
     assert!(ttl > 0, "the key expires");
 }

@@ -24,51 +24,62 @@ use crate::records::{WindowRecords, cell_json};
 
 /// Versioned upserts and deletes of one hash, then trimming (beyond twice `retain` windows, back
 /// to `retain`) and expiry, in one atomic step.
-/// ARGV: retain, ttl ms, then (window start, version, row JSON or '' to delete) triples, in
-/// version order. Writes of one key come from one input partition in offset order, so one
-/// version per hash is enough: a write older than the last one applied is a replay.
+///
+/// ARGV: retain, ttl ms, the number of writes `n`, `1` when any of them is a delete (else `0`),
+/// the `n` versions, then per write its field and its row JSON (`''` to delete), all in version
+/// order. Writes of one key come from one input partition in offset order, so one version per
+/// hash is enough: a write older than the last one applied is a replay, and those are a prefix.
+/// The rest go to `HSET` straight from ARGV: the script's cost is per `redis.call` and per Lua
+/// value it makes, far more than per field a call carries.
 const WRITE: &str = r#"
 local retain = tonumber(ARGV[1])
+local n = tonumber(ARGV[3])
 local current = redis.call('HGET', KEYS[1], 'version')
--- Consecutive upserts go out as one HSET (a call per field costs more than the field).
-local fields = {}
-local function set()
-  if #fields > 0 then
-    redis.call('HSET', KEYS[1], unpack(fields))
-    fields = {}
+local first = 1
+if current then
+  while first <= n and ARGV[4 + first] < current do
+    first = first + 1
   end
 end
-for i = 3, #ARGV, 3 do
-  local version = ARGV[i + 1]
-  if not current or current <= version then
-    current = version
-    if ARGV[i + 2] == '' then
-      set()
-      redis.call('HDEL', KEYS[1], 'w:' .. ARGV[i])
-    else
-      fields[#fields + 1] = 'w:' .. ARGV[i]
-      fields[#fields + 1] = ARGV[i + 2]
-      if #fields >= 1000 then
-        set()
+if first <= n then
+  local pairs = 4 + n
+  if ARGV[4] == '1' then
+    for i = first, n do
+      local field, value = ARGV[pairs + 2 * i - 1], ARGV[pairs + 2 * i]
+      if value == '' then
+        redis.call('HDEL', KEYS[1], field)
+      else
+        redis.call('HSET', KEYS[1], field, value)
       end
     end
+  else
+    for from = first, n, 2000 do
+      local to = math.min(n, from + 1999)
+      redis.call('HSET', KEYS[1], unpack(ARGV, pairs + 2 * from - 1, pairs + 2 * to))
+    end
   end
+  redis.call('HSET', KEYS[1], 'version', ARGV[4 + n])
 end
-if current then
-  fields[#fields + 1] = 'version'
-  fields[#fields + 1] = current
-end
-set()
 if redis.call('HLEN', KEYS[1]) > 2 * retain + 1 then
   local starts = {}
+  local count = 0
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(name, 1, 2) == 'w:' then
-      table.insert(starts, tonumber(string.sub(name, 3)))
+    -- Every field but `version` is `w:<window start>`.
+    local start = tonumber(string.sub(name, 3))
+    if start then
+      count = count + 1
+      starts[count] = start
     end
   end
   table.sort(starts)
-  for i = 1, #starts - retain do
-    redis.call('HDEL', KEYS[1], 'w:' .. starts[i])
+  local old, size = {}, 0
+  for i = 1, count - retain do
+    size = size + 1
+    old[size] = 'w:' .. starts[i]
+    if size == 1000 or i == count - retain then
+      redis.call('HDEL', KEYS[1], unpack(old, 1, size))
+      size = 0
+    end
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -186,9 +197,14 @@ impl OnlineStore {
         let mut pipeline = redis::pipe();
         for hash in std::mem::take(&mut self.order) {
             let writes = self.pending.remove(&hash).unwrap_or_default();
+            let deletes = writes.iter().any(|(_, _, value)| value.is_empty());
             let command = pipeline.cmd("EVALSHA").arg(&self.sha).arg(1).arg(hash).arg(self.retain).arg(self.ttl_ms);
-            for (start, version, value) in writes {
-                command.arg(start).arg(format!("{version:020}")).arg(value);
+            command.arg(writes.len()).arg(if deletes { "1" } else { "0" });
+            for (_, version, _) in &writes {
+                command.arg(format!("{version:020}"));
+            }
+            for (start, _, value) in writes {
+                command.arg(format!("w:{start}")).arg(value);
             }
             command.ignore();
         }

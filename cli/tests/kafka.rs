@@ -747,30 +747,30 @@ fn the_online_store_never_moves_a_window_backwards() {
         redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
     };
     let rows = row(2);
-    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
     let rows = row(1);
-    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
+    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     let rows = row(3);
-    store.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
     // Retractions follow the same rule.
     let keys: Vec<arrow::array::ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
-    store.delete(&compiled, &keys, 0, 0, 9).unwrap();
+    store.writes().delete(&compiled, &keys, 0, 0, 9).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).is_some());
-    store.delete(&compiled, &keys, 0, 0, 11).unwrap();
+    store.writes().delete(&compiled, &keys, 0, 0, 11).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).is_none());
     // One flush carrying a replayed write (of another window) and a new one applies the new one.
     let (old, new) = (row_at(7, 60_000), row(5));
-    store.upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
-    store.upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
+    store.writes().upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
+    store.writes().upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
     store.flush().unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":5"));
     let replayed: Option<String> = redis::cmd("HGET").arg(&hash).arg("w:60000").query(&mut connection).unwrap();

@@ -17,6 +17,11 @@
 //! the last committed cycle left it. A revoked partition's uncommitted messages are dropped; its
 //! new owner reads them again from the committed offset.
 //!
+//! Cycles overlap by one: while cycle N's transaction is flushed and committed (and its
+//! online-store writes sent) on a helper thread, the worker decodes and processes cycle N+1,
+//! encoding its records into an outbox. They are sent once N has committed, in N+1's own
+//! transaction; if N aborts, N+1's work is dropped with it and both are done again.
+//!
 //! All transaction calls block, so the worker runs on its own thread, never on an async
 //! executor. The online store is written before each commit with versioned, idempotent writes
 //! (see [`crate::online`]), so a cycle replayed after a crash rewrites the same values.
@@ -32,7 +37,7 @@ use lockstep_features::{CompiledFeature, StageEvaluator};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -43,7 +48,7 @@ use crate::decode::JsonDecoder;
 use crate::engine::{ChangeKind, Effects, Engine};
 use crate::error::StreamError;
 use crate::metrics::Metrics;
-use crate::online::OnlineStore;
+use crate::online::{OnlineStore, OnlineWrites};
 use crate::records::{WindowRecords, window_key_of};
 
 /// How a worker runs.
@@ -247,11 +252,19 @@ pub struct Worker {
     options: KafkaOptions,
     topics: Topics,
     consumer: BaseConsumer<GroupContext>,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
     decoder: JsonDecoder,
     evaluator: StageEvaluator,
     partitions: BTreeMap<i32, PartitionState>,
+    /// Taken by the commit thread while the next cycle is built: see `writes_online`.
     online: Option<OnlineStore>,
+    writes_online: bool,
+    /// The online-store writes of the cycle being built.
+    writes: OnlineWrites,
+    /// The records of the cycle being built, sent once its transaction opens.
+    outbox: Outbox,
+    /// The last cycle: records sent, transaction open, not committed yet.
+    prepared: Option<Prepared>,
     metrics: Arc<Metrics>,
     summary: KafkaSummary,
     /// Rebalances seen, to restart the idle clock.
@@ -323,9 +336,13 @@ impl Worker {
             options,
             topics,
             consumer,
-            producer,
+            producer: Arc::new(producer),
             partitions: BTreeMap::new(),
+            writes_online: online.is_some(),
             online,
+            writes: OnlineWrites::default(),
+            outbox: Outbox::default(),
+            prepared: None,
             metrics,
             summary: KafkaSummary::default(),
             assignments: 0,
@@ -355,6 +372,9 @@ impl Worker {
                 last_message = Instant::now();
             }
             if batch.is_empty() {
+                if !self.settle()? {
+                    continue;
+                }
                 self.fire_idle_partitions()?;
                 if let Some(idle) = self.options.until_idle
                     && last_message.elapsed() >= idle
@@ -375,6 +395,7 @@ impl Worker {
             self.cycle(batch)?;
             self.fire_idle_partitions()?;
         }
+        self.settle()?;
         Ok(self.summary)
     }
 
@@ -449,6 +470,16 @@ impl Worker {
 
     fn handle_group_events(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), StreamError> {
         let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
+        if events.is_empty() {
+            return Ok(());
+        }
+        // The open cycle may hold work and offsets of revoked partitions: abort it and read
+        // again from the committed offsets once the assignment has changed.
+        let aborted = self.prepared.take().is_some();
+        if aborted {
+            info!("rebalance: aborting the uncommitted cycle; it is done again");
+            self.producer.abort_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        }
         for event in events {
             match event {
                 GroupEvent::Revoked(partitions) => {
@@ -475,6 +506,10 @@ impl Worker {
                     }
                 }
             }
+        }
+        if aborted {
+            batch.clear();
+            self.rewind()?;
         }
         self.metrics.set_partitions(self.partitions.len());
         Ok(())
@@ -536,16 +571,55 @@ impl Worker {
         Ok(engine)
     }
 
-    /// Processes one micro-batch and commits its effects and offsets in one transaction.
+    /// Processes one micro-batch while the previous cycle commits, then opens this cycle's
+    /// transaction and sends its records; it commits during the next cycle (or [`Self::settle`]).
     fn cycle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), StreamError> {
         let cycle_started = Instant::now();
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for message in batch {
             by_partition.entry(message.partition()).or_default().push(message);
         }
+        let previous = self.prepared.take();
+        let metadata = match previous {
+            Some(_) => Some(self.group_metadata()?),
+            None => None,
+        };
+        let producer = Arc::clone(&self.producer);
+        let mut online = self.online.take();
+        let (computed, committed) = std::thread::scope(|scope| {
+            let committing = previous.map(|prepared| {
+                let (producer, online) = (&producer, online.as_mut());
+                scope.spawn(move || commit_prepared(producer, metadata, online, prepared))
+            });
+            let computed = self.process_batch(&by_partition);
+            (computed, committing.map(|c| c.join().expect("the commit thread does not panic")))
+        });
+        self.online = online;
+        if let Some(committed) = committed
+            && !self.committed(committed?)?
+        {
+            return Ok(());
+        }
+        let offsets = computed?;
         self.producer.begin_transaction().map_err(kafka)?;
+        self.outbox.send_all(&self.producer, &self.topics)?;
+        self.prepared = Some(Prepared {
+            offsets: Some(offsets),
+            writes: std::mem::take(&mut self.writes),
+            produced: std::mem::take(&mut self.produced),
+        });
+        self.summary.busy += cycle_started.elapsed();
+        Ok(())
+    }
+
+    /// Runs `by_partition` through the engines into the outbox and the online-store writes;
+    /// returns the input offsets to commit.
+    fn process_batch(
+        &mut self,
+        by_partition: &BTreeMap<i32, Vec<OwnedMessage>>,
+    ) -> Result<TopicPartitionList, StreamError> {
         let mut offsets = TopicPartitionList::new();
-        for (p, messages) in &by_partition {
+        for (p, messages) in by_partition {
             self.process_partition(*p, messages)?;
             let next = messages.last().map_or(0, |m| m.offset() + 1);
             let last_ms = messages.last().and_then(|m| m.timestamp().to_millis());
@@ -557,21 +631,38 @@ impl Worker {
                 state.next_offset = next;
             }
         }
-        if self.online.is_some() {
-            self.flush_outputs()?;
-            self.metrics.observe_output_latency(&self.produced, now_millis());
-            self.produced.clear();
-        }
+        Ok(offsets)
+    }
+
+    fn group_metadata(&self) -> Result<ConsumerGroupMetadata, StreamError> {
+        self.consumer.group_metadata().ok_or_else(|| StreamError::Kafka("no consumer group metadata".into()))
+    }
+
+    /// Commits the open cycle, if any, and waits for it. Returns false when it aborted (and the
+    /// worker rewound).
+    fn settle(&mut self) -> Result<bool, StreamError> {
+        let Some(prepared) = self.prepared.take() else { return Ok(true) };
         let started = Instant::now();
-        if !self.commit(Some(&offsets))? {
-            return Ok(());
+        let metadata = match prepared.offsets {
+            Some(_) => Some(self.group_metadata()?),
+            None => None,
+        };
+        let committed = commit_prepared(&self.producer, metadata, self.online.as_mut(), prepared)?;
+        self.summary.busy += started.elapsed();
+        self.committed(committed)
+    }
+
+    /// Books a finished commit; an aborted one rewinds (dropping the cycle being built too).
+    /// Returns whether it committed.
+    fn committed(&mut self, commit: Commit) -> Result<bool, StreamError> {
+        if !commit.committed {
+            self.rewind()?;
+            return Ok(false);
         }
-        self.metrics.observe_commit(started.elapsed());
-        self.metrics.observe_output_latency(&self.produced, now_millis());
-        self.produced.clear();
+        self.metrics.observe_commit(commit.took);
+        self.metrics.observe_output_latency(&commit.produced, commit.written_at);
         self.summary.transactions += 1;
-        self.summary.busy += cycle_started.elapsed();
-        Ok(())
+        Ok(true)
     }
 
     fn process_partition(&mut self, p: i32, messages: &[OwnedMessage]) -> Result<(), StreamError> {
@@ -580,7 +671,7 @@ impl Worker {
         for (index, error) in &decoded.errors {
             let message = &messages[*index];
             let headers = OwnedHeaders::new().insert(Header { key: "lockstep.error", value: Some(error.as_str()) });
-            forward(&self.producer, &self.topics.dlq, message, headers)?;
+            self.outbox.forward(Dest::DeadLetters, message, headers);
             self.summary.dead_lettered += 1;
             self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
@@ -602,14 +693,15 @@ impl Worker {
                 .insert(Header { key: "lockstep.event_time", value: Some(event_time.as_str()) })
                 .insert(Header { key: "lockstep.watermark", value: Some(watermark.as_str()) })
                 .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) });
-            forward(&self.producer, &self.topics.late, message, headers)?;
+            self.outbox.forward(Dest::Late, message, headers);
         }
         self.summary.too_late += effects.late.len() as u64;
         self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
         self.metrics.late_applied.store(state.engine.counters().late_applied, Ordering::Relaxed);
         let engine = &self.partitions[&p].engine;
-        let output = (self.topics.output.as_str(), p % self.output_partitions);
-        emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+        let online = self.writes_online.then_some(&mut self.writes);
+        let output = Dest::Output(p % self.output_partitions);
+        emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
         self.summary.windows += effects.changes.len() as u64;
         for change in &effects.changes {
             let at = messages.partition_point(|m| (m.offset() as u64) < change.seq);
@@ -621,7 +713,8 @@ impl Worker {
             self.metrics.set_watermark(p, w, now_ms);
         }
         let state = self.partitions.get_mut(&p).expect("assigned");
-        write_changelog(&self.producer, &self.topics, p, &mut state.engine)
+        write_changelog(&mut self.outbox, p, &mut state.engine);
+        Ok(())
     }
 
     /// With the source's `idle_timeout`, a partition silent for that long moves its watermark on
@@ -643,72 +736,44 @@ impl Worker {
             return Ok(());
         }
         info!(?due, "idle partitions: advancing their watermarks on processing time");
-        self.producer.begin_transaction().map_err(kafka)?;
+        if !self.settle()? {
+            return Ok(());
+        }
         for p in due {
-            let state = self.partitions.get_mut(&p).expect("listed above");
+            let Some(state) = self.partitions.get_mut(&p) else { continue };
             let effects = state.engine.advance_idle(now, state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            let output = (self.topics.output.as_str(), p % self.output_partitions);
-            emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            let online = self.writes_online.then_some(&mut self.writes);
+            let output = Dest::Output(p % self.output_partitions);
+            emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
             let state = self.partitions.get_mut(&p).expect("listed above");
-            write_changelog(&self.producer, &self.topics, p, &mut state.engine)?;
+            write_changelog(&mut self.outbox, p, &mut state.engine);
         }
-        self.flush_outputs()?;
-        if self.commit(None)? {
-            self.summary.transactions += 1;
-        }
+        self.commit_now()?;
         Ok(())
     }
 
-    /// Writes the buffered online-store writes while the producer sends the open transaction's
-    /// records. Both must be done before the transaction commits (so a crash after the commit
-    /// loses no write), but neither needs to wait for the other.
-    fn flush_outputs(&mut self) -> Result<(), StreamError> {
-        let Some(online) = self.online.as_mut() else { return Ok(()) };
-        let producer = &self.producer;
-        std::thread::scope(|scope| {
-            let sending = scope.spawn(|| producer.flush(Duration::from_secs(60)));
-            let written = online.flush();
-            // A failed send fails the commit, which handles it (abort and rewind).
-            if let Ok(Err(error)) = sending.join() {
-                warn!(%error, "sending the cycle's records before the commit failed");
-            }
-            written
-        })
-    }
-
-    /// Commits the open transaction, with the input `offsets` if given, and says whether it
-    /// committed. An abortable failure (say the group rebalanced while the cycle ran) aborts the
-    /// transaction and rewinds: every owned partition is rebuilt from its changelog and read
-    /// again from the committed offset, so the work is done again, exactly once.
-    fn commit(&mut self, offsets: Option<&TopicPartitionList>) -> Result<bool, StreamError> {
-        let timeout = Duration::from_secs(60);
-        let mut result = Ok(());
-        if let Some(offsets) = offsets {
-            let metadata = self
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| StreamError::Kafka("no consumer group metadata".into()))?;
-            result = self.producer.send_offsets_to_transaction(offsets, &metadata, timeout);
-        }
-        let result = result.and_then(|()| self.producer.commit_transaction(timeout));
-        match result {
-            Ok(()) => Ok(true),
-            Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
-                warn!(%error, "transaction aborted; rewinding to the last commit");
-                self.producer.abort_transaction(timeout).map_err(kafka)?;
-                self.rewind()?;
-                Ok(false)
-            }
-            Err(error) => Err(kafka(error)),
-        }
+    /// Opens a transaction for the cycle built so far (no input offsets), sends it and commits
+    /// it. Returns whether it committed.
+    fn commit_now(&mut self) -> Result<bool, StreamError> {
+        self.producer.begin_transaction().map_err(kafka)?;
+        self.outbox.send_all(&self.producer, &self.topics)?;
+        self.prepared = Some(Prepared {
+            offsets: None,
+            writes: std::mem::take(&mut self.writes),
+            produced: std::mem::take(&mut self.produced),
+        });
+        self.settle()
     }
 
     /// Drops uncommitted work: engines come back from the changelog, reading resumes at the
     /// committed offsets.
     fn rewind(&mut self) -> Result<(), StreamError> {
         self.produced.clear();
+        self.outbox.clear();
+        self.writes = OnlineWrites::default();
+        self.prepared = None;
         if let Some(online) = &mut self.online {
             online.discard();
         }
@@ -735,33 +800,31 @@ impl Worker {
     /// last transaction. The state changelog is left as it was, so a restarted run fires the
     /// same windows with the same values again. Returns whether it committed.
     fn finish(&mut self) -> Result<bool, StreamError> {
-        self.producer.begin_transaction().map_err(kafka)?;
+        if !self.settle()? {
+            return Ok(false);
+        }
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
         for p in partitions {
             let state = self.partitions.get_mut(&p).expect("listed above");
             let effects = state.engine.finish(state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            let output = (self.topics.output.as_str(), p % self.output_partitions);
-            emit(&self.producer, output, &self.feature, engine, &effects, self.online.as_mut(), &self.metrics)?;
+            let online = self.writes_online.then_some(&mut self.writes);
+            let output = Dest::Output(p % self.output_partitions);
+            emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
         }
-        self.flush_outputs()?;
-        let committed = self.commit(None)?;
-        if committed {
-            self.summary.transactions += 1;
-        }
-        Ok(committed)
+        self.commit_now()
     }
 }
 
 /// Sends fired windows and retractions to `output` (topic, partition) and the online store.
 fn emit(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    output: (&str, i32),
+    outbox: &mut Outbox,
+    output: Dest,
     feature: &CompiledFeature,
     engine: &Engine,
     effects: &Effects,
-    mut online: Option<&mut OnlineStore>,
+    mut online: Option<&mut OnlineWrites>,
     metrics: &Metrics,
 ) -> Result<(), StreamError> {
     if effects.changes.is_empty() {
@@ -781,7 +844,6 @@ fn emit(
     let (mut key, mut value) = (Vec::with_capacity(64), Vec::with_capacity(256));
     // One timestamp for the records of one call (a clock read per record is measurable).
     let timestamp = now_millis();
-    let (topic, partition) = output;
     for change in &effects.changes {
         let label = match change.kind {
             ChangeKind::Fire => "fire",
@@ -797,13 +859,7 @@ fn emit(
                 value.clear();
                 records.key(&mut key, row);
                 records.value(&mut value, row);
-                let record = BaseRecord::to(topic)
-                    .partition(partition)
-                    .timestamp(timestamp)
-                    .key(key.as_slice())
-                    .payload(value.as_slice())
-                    .headers(headers);
-                send(producer, record)?;
+                outbox.push(output, Some(&key), Some(&value), Some(headers), Some(timestamp));
                 if let Some(store) = online.as_deref_mut() {
                     store.upsert(feature, records, row, &value, change.seq)?;
                 }
@@ -811,12 +867,7 @@ fn emit(
             }
             _ => {
                 let key = window_key_of(&feature.feature.key, &retracted_keys, retraction, change.start);
-                let record = BaseRecord::<'_, [u8], [u8]>::to(topic)
-                    .partition(partition)
-                    .timestamp(timestamp)
-                    .key(key.as_slice())
-                    .headers(headers);
-                send(producer, record)?;
+                outbox.push(output, Some(&key), None, Some(headers), Some(timestamp));
                 if let Some(store) = online.as_deref_mut() {
                     store.delete(feature, &retracted_keys, retraction, change.start, change.seq)?;
                 }
@@ -831,42 +882,170 @@ fn emit(
     Ok(())
 }
 
-/// Sends an input message unchanged (key and value) to `topic`, with `headers` and a
-/// `lockstep.source` header naming its partition and offset (late and dead-letter topics).
-fn forward(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    message: &OwnedMessage,
-    headers: OwnedHeaders,
-) -> Result<(), StreamError> {
-    let source = format!("{}/{}", message.partition(), message.offset());
-    let headers = headers.insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
-    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
-    if let Some(key) = message.key() {
-        record = record.key(key);
+/// Sends the engine's state changes to its changelog partition.
+fn write_changelog(outbox: &mut Outbox, partition: i32, engine: &mut Engine) {
+    for (key, value) in engine.take_changes() {
+        outbox.push(Dest::Changelog(partition), Some(&key), value.as_deref(), None, None);
     }
-    if let Some(value) = message.payload() {
-        record = record.payload(value);
-    }
-    send(producer, record)
 }
 
-/// Sends the engine's state changes to its changelog partition.
-fn write_changelog(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topics: &Topics,
-    partition: i32,
-    engine: &mut Engine,
-) -> Result<(), StreamError> {
-    for (key, value) in engine.take_changes() {
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(&topics.changelog).partition(partition).key(key.as_slice());
-        if let Some(value) = &value {
-            record = record.payload(value.as_slice());
-        }
-        send(producer, record)?;
+/// Where a record of a cycle goes.
+#[derive(Debug, Clone, Copy)]
+enum Dest {
+    /// The output topic, this partition.
+    Output(i32),
+    Late,
+    DeadLetters,
+    /// The changelog topic, this partition.
+    Changelog(i32),
+}
+
+/// A record waiting in the [`Outbox`]: its key and payload are ranges of the outbox's bytes.
+struct Pending {
+    dest: Dest,
+    key: Option<std::ops::Range<usize>>,
+    payload: Option<std::ops::Range<usize>>,
+    headers: Option<OwnedHeaders>,
+    timestamp: Option<i64>,
+}
+
+/// The records of the cycle being built. A transaction cannot open before the previous one
+/// commits, so records are encoded here meanwhile and sent in one go afterwards.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    records: Vec<Pending>,
+}
+
+impl Outbox {
+    fn push(
+        &mut self,
+        dest: Dest,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        timestamp: Option<i64>,
+    ) {
+        let mut range = |bytes: &[u8]| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(bytes);
+            start..self.bytes.len()
+        };
+        let key = key.map(&mut range);
+        let payload = payload.map(&mut range);
+        self.records.push(Pending { dest, key, payload, headers, timestamp });
     }
-    Ok(())
+
+    /// Queues an input message unchanged (key and value) for `dest`, with `headers` and a
+    /// `lockstep.source` header naming its partition and offset (late and dead-letter topics).
+    fn forward(&mut self, dest: Dest, message: &OwnedMessage, headers: OwnedHeaders) {
+        let source = format!("{}/{}", message.partition(), message.offset());
+        let headers = headers.insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
+        self.push(dest, message.key(), message.payload(), Some(headers), None);
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.records.clear();
+    }
+
+    /// Hands every record to the producer (the transaction must be open), emptying the outbox.
+    fn send_all(
+        &mut self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        topics: &Topics,
+    ) -> Result<(), StreamError> {
+        for pending in self.records.drain(..) {
+            let (topic, partition) = match pending.dest {
+                Dest::Output(p) => (&topics.output, Some(p)),
+                Dest::Late => (&topics.late, None),
+                Dest::DeadLetters => (&topics.dlq, None),
+                Dest::Changelog(p) => (&topics.changelog, Some(p)),
+            };
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            if let Some(range) = pending.key {
+                record = record.key(&self.bytes[range]);
+            }
+            if let Some(range) = pending.payload {
+                record = record.payload(&self.bytes[range]);
+            }
+            if let Some(headers) = pending.headers {
+                record = record.headers(headers);
+            }
+            if let Some(timestamp) = pending.timestamp {
+                record = record.timestamp(timestamp);
+            }
+            send(producer, record)?;
+        }
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// A cycle whose records are sent and whose transaction is open.
+struct Prepared {
+    /// The input offsets to commit with it (none for idle firing and the final flush).
+    offsets: Option<TopicPartitionList>,
+    writes: OnlineWrites,
+    /// Produce times (ms) of the messages that caused its window changes.
+    produced: Vec<i64>,
+}
+
+/// How a commit went.
+struct Commit {
+    committed: bool,
+    took: Duration,
+    produced: Vec<i64>,
+    /// When its windows were in the online store (or committed, without one), ms.
+    written_at: i64,
+}
+
+/// Writes `prepared`'s online-store writes while the producer flushes its records, then commits
+/// its transaction with its input offsets. Both must be done before the commit (so a crash after
+/// it loses no write), but neither needs to wait for the other. An abortable failure (say the
+/// group rebalanced) aborts the transaction and reports `committed: false`: the worker then
+/// rewinds to the committed offsets and does the work again, exactly once.
+fn commit_prepared(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    metadata: Option<ConsumerGroupMetadata>,
+    online: Option<&mut OnlineStore>,
+    prepared: Prepared,
+) -> Result<Commit, StreamError> {
+    let timeout = Duration::from_secs(60);
+    let Prepared { offsets, writes, produced } = prepared;
+    let mut written_at = None;
+    if let Some(online) = online {
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(|| producer.flush(timeout));
+            let written = online.send(writes);
+            // A failed send fails the commit, which handles it (abort and rewind).
+            if let Ok(Err(error)) = sending.join() {
+                warn!(%error, "sending the cycle's records before the commit failed");
+            }
+            written
+        })?;
+        written_at = Some(now_millis());
+    }
+    let started = Instant::now();
+    let mut result = Ok(());
+    if let (Some(offsets), Some(metadata)) = (&offsets, &metadata) {
+        result = producer.send_offsets_to_transaction(offsets, metadata, timeout);
+    }
+    let result = result.and_then(|()| producer.commit_transaction(timeout));
+    let took = started.elapsed();
+    let written_at = written_at.unwrap_or_else(now_millis);
+    match result {
+        Ok(()) => Ok(Commit { committed: true, took, produced, written_at }),
+        Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
+            warn!(%error, "transaction aborted; rewinding to the last commit");
+            producer.abort_transaction(timeout).map_err(kafka)?;
+            Ok(Commit { committed: false, took, produced, written_at })
+        }
+        Err(error) => Err(kafka(error)),
+    }
 }
 
 /// Enqueues a record, waiting while the local queue is full.

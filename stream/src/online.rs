@@ -91,12 +91,18 @@ pub struct OnlineStore {
     url: String,
     connection: redis::Connection,
     sha: String,
+    writes: OnlineWrites,
+    retain: usize,
+    ttl_ms: u64,
+}
+
+/// Online-store writes not sent yet: a cycle's, gathered while the previous cycle's are sent.
+#[derive(Default)]
+pub struct OnlineWrites {
     /// Buffered writes per hash, in order: (window start, version, row JSON or empty).
     pending: std::collections::HashMap<String, Vec<(i64, u64, String)>>,
     /// Hashes in first-write order, so flushes are deterministic.
     order: Vec<String>,
-    retain: usize,
-    ttl_ms: u64,
 }
 
 /// The hash name of a key of a feature set.
@@ -134,13 +140,53 @@ impl OnlineStore {
             url: url.into(),
             connection,
             sha,
-            pending: std::collections::HashMap::new(),
-            order: Vec::new(),
+            writes: OnlineWrites::default(),
             retain: retained_windows(feature),
             ttl_ms,
         })
     }
 
+    /// The writes buffered for the next [`OnlineStore::flush`].
+    pub fn writes(&mut self) -> &mut OnlineWrites {
+        &mut self.writes
+    }
+
+    /// Forgets the buffered writes (their transaction was aborted).
+    pub fn discard(&mut self) {
+        self.writes = OnlineWrites::default();
+    }
+
+    /// Sends the buffered writes: one script call per hash, pipelined.
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        let writes = std::mem::take(&mut self.writes);
+        self.send(writes)
+    }
+
+    /// Sends `writes` (gathered apart from this store's own buffer).
+    pub fn send(&mut self, mut writes: OnlineWrites) -> Result<(), StreamError> {
+        if writes.order.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for hash in std::mem::take(&mut writes.order) {
+            let writes = writes.pending.remove(&hash).unwrap_or_default();
+            let deletes = writes.iter().any(|(_, _, value)| value.is_empty());
+            let command = pipeline.cmd("EVALSHA").arg(&self.sha).arg(1).arg(hash).arg(self.retain).arg(self.ttl_ms);
+            command.arg(writes.len()).arg(if deletes { "1" } else { "0" });
+            for (_, version, _) in &writes {
+                command.arg(format!("{version:020}"));
+            }
+            for (start, _, value) in writes {
+                command.arg(format!("w:{start}")).arg(value);
+            }
+            command.ignore();
+        }
+        let result: redis::RedisResult<()> = pipeline.query(&mut self.connection);
+        result.map_err(|error| StreamError::Execution(format!("online store {}: {error}", self.url)))
+    }
+}
+
+impl OnlineWrites {
     fn write(&mut self, hash: String, start: i64, version: u64, value: String) {
         match self.pending.get_mut(&hash) {
             Some(writes) => writes.push((start, version, value)),
@@ -181,34 +227,5 @@ impl OnlineStore {
         let key: Vec<Json> = key_columns.iter().map(|c| cell_json(c, row)).collect();
         self.write(hash_name(&feature.feature.name, &key), start, version, String::new());
         Ok(())
-    }
-
-    /// Forgets the buffered writes (their transaction was aborted).
-    pub fn discard(&mut self) {
-        self.pending.clear();
-        self.order.clear();
-    }
-
-    /// Sends the buffered writes: one script call per hash, pipelined.
-    pub fn flush(&mut self) -> Result<(), StreamError> {
-        if self.order.is_empty() {
-            return Ok(());
-        }
-        let mut pipeline = redis::pipe();
-        for hash in std::mem::take(&mut self.order) {
-            let writes = self.pending.remove(&hash).unwrap_or_default();
-            let deletes = writes.iter().any(|(_, _, value)| value.is_empty());
-            let command = pipeline.cmd("EVALSHA").arg(&self.sha).arg(1).arg(hash).arg(self.retain).arg(self.ttl_ms);
-            command.arg(writes.len()).arg(if deletes { "1" } else { "0" });
-            for (_, version, _) in &writes {
-                command.arg(format!("{version:020}"));
-            }
-            for (start, _, value) in writes {
-                command.arg(format!("w:{start}")).arg(value);
-            }
-            command.ignore();
-        }
-        let result: redis::RedisResult<()> = pipeline.query(&mut self.connection);
-        result.map_err(|error| StreamError::Execution(format!("online store {}: {error}", self.url)))
     }
 }

@@ -17,10 +17,13 @@
 //! the last committed cycle left it. A revoked partition's uncommitted messages are dropped; its
 //! new owner reads them again from the committed offset.
 //!
-//! Cycles overlap by one: while cycle N's transaction is flushed and committed (and its
-//! online-store writes sent) on a helper thread, the worker decodes and processes cycle N+1,
-//! encoding its records into an outbox. They are sent once N has committed, in N+1's own
-//! transaction; if N aborts, N+1's work is dropped with it and both are done again.
+//! Cycles overlap by one. A cycle is first built: its records encoded into an outbox, its
+//! online-store writes buffered, nothing sent. Once the next micro-batch has been read, a helper
+//! thread opens the built cycle's transaction, sends its records and online-store writes and
+//! commits, while the worker builds the next cycle. So no transaction is open while the worker
+//! reads (and handles rebalances): a rebalance drops the built cycle, which is read again from
+//! the committed offsets. If a commit aborts, the cycle built behind it is dropped too and both
+//! are done again.
 //!
 //! All transaction calls block, so the worker runs on its own thread, never on an async
 //! executor. The online store is written before each commit with versioned, idempotent writes
@@ -261,9 +264,9 @@ pub struct Worker {
     writes_online: bool,
     /// The online-store writes of the cycle being built.
     writes: OnlineWrites,
-    /// The records of the cycle being built, sent once its transaction opens.
+    /// The records of the cycle being built.
     outbox: Outbox,
-    /// The last cycle: records sent, transaction open, not committed yet.
+    /// The last cycle built, not sent yet.
     prepared: Option<Prepared>,
     metrics: Arc<Metrics>,
     summary: KafkaSummary,
@@ -473,12 +476,11 @@ impl Worker {
         if events.is_empty() {
             return Ok(());
         }
-        // The open cycle may hold work and offsets of revoked partitions: abort it and read
+        // The cycle built but not sent may hold work of revoked partitions: drop it and read
         // again from the committed offsets once the assignment has changed.
-        let aborted = self.prepared.take().is_some();
-        if aborted {
-            info!("rebalance: aborting the uncommitted cycle; it is done again");
-            self.producer.abort_transaction(Duration::from_secs(60)).map_err(kafka)?;
+        let dropped = self.prepared.take().is_some();
+        if dropped {
+            info!("rebalance: dropping the cycle not committed yet; it is done again");
         }
         for event in events {
             match event {
@@ -507,7 +509,7 @@ impl Worker {
                 }
             }
         }
-        if aborted {
+        if dropped {
             batch.clear();
             self.rewind()?;
         }
@@ -571,8 +573,8 @@ impl Worker {
         Ok(engine)
     }
 
-    /// Processes one micro-batch while the previous cycle commits, then opens this cycle's
-    /// transaction and sends its records; it commits during the next cycle (or [`Self::settle`]).
+    /// Builds the cycle of one micro-batch while the previous one is sent and committed; the
+    /// new one is sent and committed during the next cycle (or [`Self::settle`]).
     fn cycle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), StreamError> {
         let cycle_started = Instant::now();
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
@@ -585,11 +587,12 @@ impl Worker {
             None => None,
         };
         let producer = Arc::clone(&self.producer);
+        let topics = self.topics.clone();
         let mut online = self.online.take();
         let (computed, committed) = std::thread::scope(|scope| {
             let committing = previous.map(|prepared| {
-                let (producer, online) = (&producer, online.as_mut());
-                scope.spawn(move || commit_prepared(producer, metadata, online, prepared))
+                let (producer, topics, online) = (&producer, &topics, online.as_mut());
+                scope.spawn(move || commit_prepared(producer, topics, metadata, online, prepared))
             });
             let computed = self.process_batch(&by_partition);
             (computed, committing.map(|c| c.join().expect("the commit thread does not panic")))
@@ -601,10 +604,9 @@ impl Worker {
             return Ok(());
         }
         let offsets = computed?;
-        self.producer.begin_transaction().map_err(kafka)?;
-        self.outbox.send_all(&self.producer, &self.topics)?;
         self.prepared = Some(Prepared {
             offsets: Some(offsets),
+            outbox: std::mem::take(&mut self.outbox),
             writes: std::mem::take(&mut self.writes),
             produced: std::mem::take(&mut self.produced),
         });
@@ -647,7 +649,7 @@ impl Worker {
             Some(_) => Some(self.group_metadata()?),
             None => None,
         };
-        let committed = commit_prepared(&self.producer, metadata, self.online.as_mut(), prepared)?;
+        let committed = commit_prepared(&self.producer, &self.topics, metadata, self.online.as_mut(), prepared)?;
         self.summary.busy += started.elapsed();
         self.committed(committed)
     }
@@ -754,13 +756,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Opens a transaction for the cycle built so far (no input offsets), sends it and commits
-    /// it. Returns whether it committed.
+    /// Sends and commits the cycle built so far (no input offsets). Returns whether it committed.
     fn commit_now(&mut self) -> Result<bool, StreamError> {
-        self.producer.begin_transaction().map_err(kafka)?;
-        self.outbox.send_all(&self.producer, &self.topics)?;
         self.prepared = Some(Prepared {
             offsets: None,
+            outbox: std::mem::take(&mut self.outbox),
             writes: std::mem::take(&mut self.writes),
             produced: std::mem::take(&mut self.produced),
         });
@@ -985,10 +985,11 @@ impl Outbox {
     }
 }
 
-/// A cycle whose records are sent and whose transaction is open.
+/// A cycle built and not sent yet.
 struct Prepared {
     /// The input offsets to commit with it (none for idle firing and the final flush).
     offsets: Option<TopicPartitionList>,
+    outbox: Outbox,
     writes: OnlineWrites,
     /// Produce times (ms) of the messages that caused its window changes.
     produced: Vec<i64>,
@@ -1003,19 +1004,23 @@ struct Commit {
     written_at: i64,
 }
 
-/// Writes `prepared`'s online-store writes while the producer flushes its records, then commits
-/// its transaction with its input offsets. Both must be done before the commit (so a crash after
-/// it loses no write), but neither needs to wait for the other. An abortable failure (say the
-/// group rebalanced) aborts the transaction and reports `committed: false`: the worker then
-/// rewinds to the committed offsets and does the work again, exactly once.
+/// Opens a transaction for `prepared` and sends its records, then writes its online-store writes
+/// while the producer flushes, then commits with its input offsets. Records and writes must all
+/// be done before the commit (so a crash after it loses no write), but neither needs to wait for
+/// the other. An abortable failure (say the group rebalanced) aborts the transaction and reports
+/// `committed: false`: the worker then rewinds to the committed offsets and does the work again,
+/// exactly once.
 fn commit_prepared(
     producer: &ThreadedProducer<DefaultProducerContext>,
+    topics: &Topics,
     metadata: Option<ConsumerGroupMetadata>,
     online: Option<&mut OnlineStore>,
     prepared: Prepared,
 ) -> Result<Commit, StreamError> {
     let timeout = Duration::from_secs(60);
-    let Prepared { offsets, writes, produced } = prepared;
+    let Prepared { offsets, mut outbox, writes, produced } = prepared;
+    producer.begin_transaction().map_err(kafka)?;
+    outbox.send_all(producer, topics)?;
     let mut written_at = None;
     if let Some(online) = online {
         std::thread::scope(|scope| {

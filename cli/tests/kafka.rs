@@ -718,7 +718,7 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn the_online_store_never_moves_a_window_backwards() {
     use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
-    use lockstep_stream::online::OnlineStore;
+    use lockstep_stream::online::{OnlineStore, OnlineWrites};
     use std::sync::Arc;
     let Some(redis_url) = service("REDIS_URL") else { return };
     let feature_name = unique("versions").replace('-', "_");
@@ -741,37 +741,38 @@ fn the_online_store_never_moves_a_window_backwards() {
     };
     let row = |n: i64| row_at(n, 0);
     let mut store = OnlineStore::connect(&redis_url, &compiled).unwrap();
+    let mut writes = OnlineWrites::default();
     let mut connection = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
     let hash = format!("lockstep:{feature_name}:[\"a\"]");
     let stored = |connection: &mut redis::Connection| -> Option<String> {
         redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
     };
     let rows = row(2);
-    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
-    store.flush().unwrap();
+    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
     let rows = row(1);
-    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
-    store.flush().unwrap();
+    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
     let rows = row(3);
-    store.writes().upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
-    store.flush().unwrap();
+    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
     // Retractions follow the same rule.
     let keys: Vec<arrow::array::ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
-    store.writes().delete(&compiled, &keys, 0, 0, 9).unwrap();
-    store.flush().unwrap();
+    writes.delete(&compiled, &keys, 0, 0, 9).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).is_some());
-    store.writes().delete(&compiled, &keys, 0, 0, 11).unwrap();
-    store.flush().unwrap();
+    writes.delete(&compiled, &keys, 0, 0, 11).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).is_none());
     // One flush carrying a replayed write (of another window) and a new one applies the new one.
     let (old, new) = (row_at(7, 60_000), row(5));
-    store.writes().upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
-    store.writes().upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
-    store.flush().unwrap();
+    writes.upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
+    writes.upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
     assert!(stored(&mut connection).unwrap().contains("\"n\":5"));
     let replayed: Option<String> = redis::cmd("HGET").arg(&hash).arg("w:60000").query(&mut connection).unwrap();
     assert_eq!(replayed, None, "a write older than the hash's version is a replay");

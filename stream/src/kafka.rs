@@ -259,11 +259,10 @@ pub struct Worker {
     decoder: JsonDecoder,
     evaluator: StageEvaluator,
     partitions: BTreeMap<i32, PartitionState>,
-    /// Taken by the commit thread while the next cycle is built: see `writes_online`.
+    /// Lent to the commit thread while the next cycle is built.
     online: Option<OnlineStore>,
-    writes_online: bool,
-    /// The online-store writes of the cycle being built.
-    writes: OnlineWrites,
+    /// The online-store writes of the cycle being built (with an online store).
+    writes: Option<OnlineWrites>,
     /// The records of the cycle being built.
     outbox: Outbox,
     /// The last cycle built, not sent yet.
@@ -341,9 +340,8 @@ impl Worker {
             consumer,
             producer: Arc::new(producer),
             partitions: BTreeMap::new(),
-            writes_online: online.is_some(),
+            writes: online.as_ref().map(|_| OnlineWrites::default()),
             online,
-            writes: OnlineWrites::default(),
             outbox: Outbox::default(),
             prepared: None,
             metrics,
@@ -607,7 +605,7 @@ impl Worker {
         self.prepared = Some(Prepared {
             offsets: Some(offsets),
             outbox: std::mem::take(&mut self.outbox),
-            writes: std::mem::take(&mut self.writes),
+            writes: self.writes.as_mut().map(std::mem::take).unwrap_or_default(),
             produced: std::mem::take(&mut self.produced),
         });
         self.summary.busy += cycle_started.elapsed();
@@ -701,7 +699,7 @@ impl Worker {
         self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
         self.metrics.late_applied.store(state.engine.counters().late_applied, Ordering::Relaxed);
         let engine = &self.partitions[&p].engine;
-        let online = self.writes_online.then_some(&mut self.writes);
+        let online = self.writes.as_mut();
         let output = Dest::Output(p % self.output_partitions);
         emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
         self.summary.windows += effects.changes.len() as u64;
@@ -745,7 +743,7 @@ impl Worker {
             let Some(state) = self.partitions.get_mut(&p) else { continue };
             let effects = state.engine.advance_idle(now, state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            let online = self.writes_online.then_some(&mut self.writes);
+            let online = self.writes.as_mut();
             let output = Dest::Output(p % self.output_partitions);
             emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
@@ -761,7 +759,7 @@ impl Worker {
         self.prepared = Some(Prepared {
             offsets: None,
             outbox: std::mem::take(&mut self.outbox),
-            writes: std::mem::take(&mut self.writes),
+            writes: self.writes.as_mut().map(std::mem::take).unwrap_or_default(),
             produced: std::mem::take(&mut self.produced),
         });
         self.settle()
@@ -772,11 +770,10 @@ impl Worker {
     fn rewind(&mut self) -> Result<(), StreamError> {
         self.produced.clear();
         self.outbox.clear();
-        self.writes = OnlineWrites::default();
-        self.prepared = None;
-        if let Some(online) = &mut self.online {
-            online.discard();
+        if let Some(writes) = &mut self.writes {
+            *writes = OnlineWrites::default();
         }
+        self.prepared = None;
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
         let mut list = TopicPartitionList::new();
         for p in &partitions {
@@ -808,7 +805,7 @@ impl Worker {
             let state = self.partitions.get_mut(&p).expect("listed above");
             let effects = state.engine.finish(state.next_offset.max(0) as u64)?;
             let engine = &self.partitions[&p].engine;
-            let online = self.writes_online.then_some(&mut self.writes);
+            let online = self.writes.as_mut();
             let output = Dest::Output(p % self.output_partitions);
             emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;

@@ -86,17 +86,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// A connection to the online store, buffering writes until [`OnlineStore::flush`].
+/// A connection to the online store; writes are gathered in [`OnlineWrites`] and sent with
+/// [`OnlineStore::send`].
 pub struct OnlineStore {
     url: String,
     connection: redis::Connection,
     sha: String,
-    writes: OnlineWrites,
     retain: usize,
     ttl_ms: u64,
 }
 
 /// Online-store writes not sent yet: a cycle's, gathered while the previous cycle's are sent.
+/// Dropping them forgets them (their cycle was aborted).
 #[derive(Default)]
 pub struct OnlineWrites {
     /// Buffered writes per hash, in order: (window start, version, row JSON or empty).
@@ -136,33 +137,10 @@ impl OnlineStore {
         let mut connection = client.get_connection().map_err(failed)?;
         let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(WRITE).query(&mut connection).map_err(failed)?;
         let ttl_ms = (7 * 86_400_000u64).max(feature.window().span().millis() as u64 * 2);
-        Ok(OnlineStore {
-            url: url.into(),
-            connection,
-            sha,
-            writes: OnlineWrites::default(),
-            retain: retained_windows(feature),
-            ttl_ms,
-        })
+        Ok(OnlineStore { url: url.into(), connection, sha, retain: retained_windows(feature), ttl_ms })
     }
 
-    /// The writes buffered for the next [`OnlineStore::flush`].
-    pub fn writes(&mut self) -> &mut OnlineWrites {
-        &mut self.writes
-    }
-
-    /// Forgets the buffered writes (their transaction was aborted).
-    pub fn discard(&mut self) {
-        self.writes = OnlineWrites::default();
-    }
-
-    /// Sends the buffered writes: one script call per hash, pipelined.
-    pub fn flush(&mut self) -> Result<(), StreamError> {
-        let writes = std::mem::take(&mut self.writes);
-        self.send(writes)
-    }
-
-    /// Sends `writes` (gathered apart from this store's own buffer).
+    /// Sends `writes`: one script call per hash, pipelined.
     pub fn send(&mut self, mut writes: OnlineWrites) -> Result<(), StreamError> {
         if writes.order.is_empty() {
             return Ok(());

@@ -10,6 +10,7 @@ pub mod error;
 pub mod exec;
 pub mod output;
 pub mod plan;
+pub mod rows_parquet;
 pub mod source;
 pub mod training;
 

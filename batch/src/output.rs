@@ -4,6 +4,7 @@
 //! target and renamed into place when complete; a Delta table changes in one commit, and a failed
 //! job commits nothing.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -166,14 +167,19 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[S
         std::fs::create_dir_all(&staging).map_err(|e| failed(e.to_string()))?;
         format!("{}/", staging.display())
     };
-    let options = DataFrameWriteOptions::new().with_single_file_output(single_file);
-    let parquet = parquet_options(frame.schema().as_arrow(), keys);
-    let result = frame.write_parquet(&staging_text, options, Some(parquet)).await;
     let staged = PathBuf::from(staging_text.trim_end_matches('/'));
+    let result = if !keys.is_empty() && crate::rows_parquet::supports(frame.schema().as_arrow()) {
+        let file = if single_file { staged.clone() } else { staged.join("part-00000.parquet") };
+        write_rows(frame, &file, keys).await
+    } else {
+        let options = DataFrameWriteOptions::new().with_single_file_output(single_file);
+        let parquet = parquet_options(frame.schema().as_arrow(), keys);
+        frame.write_parquet(&staging_text, options, Some(parquet)).await.map(|_| ()).map_err(BatchError::from)
+    };
     if let Err(error) = result {
         let _ = std::fs::remove_file(&staged);
         let _ = std::fs::remove_dir_all(&staged);
-        return Err(BatchError::from(error));
+        return Err(error);
     }
     if single_file {
         std::fs::rename(&staged, &target).map_err(|e| failed(e.to_string()))?;
@@ -191,6 +197,49 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[S
         let _ = std::fs::remove_dir_all(&previous);
     }
     Ok(())
+}
+
+/// Runs `frame` (feature rows, sorted by key and window) and writes its rows to the Parquet file
+/// `path` with [`crate::rows_parquet::RowsWriter`], on a blocking thread of the runtime so that
+/// encoding overlaps the job.
+async fn write_rows(frame: DataFrame, path: &Path, keys: &[String]) -> Result<(), BatchError> {
+    use futures::StreamExt;
+    let failed = |message: String| BatchError::Output { location: path.display().to_string(), message };
+    let schema = Arc::new(frame.schema().as_arrow().clone());
+    let mut stream = frame.execute_stream().await?;
+    let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
+    let mut writer =
+        crate::rows_parquet::RowsWriter::try_new(std::io::BufWriter::with_capacity(1 << 20, file), schema, keys)
+            .map_err(|e| failed(e.to_string()))?;
+    // An async channel: a full one suspends this task rather than blocking a runtime thread that
+    // the job's own tasks need.
+    let (batches, mut received) = tokio::sync::mpsc::channel::<arrow::array::RecordBatch>(16);
+    let encoder = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        while let Some(batch) = received.blocking_recv() {
+            writer.write(batch).map_err(|e| e.to_string())?;
+        }
+        let mut out = writer.finish().map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())
+    });
+    let mut result = Ok(());
+    while let Some(batch) = stream.next().await {
+        match batch {
+            // A send fails only once the encoder has stopped on an error, reported below.
+            Ok(batch) => {
+                if batches.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                result = Err(BatchError::from(error));
+                break;
+            }
+        }
+    }
+    drop(batches);
+    let encoded = encoder.await.map_err(|e| failed(format!("the Parquet encoder failed: {e}")))?;
+    result?;
+    encoded.map_err(failed)
 }
 
 /// The rows of `frame`, in its order, as a plan Delta's writer cannot reorder. Given the plan

@@ -123,8 +123,10 @@ impl<W: Write + Send> RowsWriter<W> {
 
     /// Buffers `batch`, writing each row group once it is full.
     pub fn write(&mut self, mut batch: RecordBatch) -> Result<()> {
-        let types = |schema: &Schema| schema.fields().iter().map(|f| f.data_type().clone()).collect::<Vec<_>>();
-        if types(&batch.schema()) != types(&self.schema) {
+        let columns = batch.columns();
+        let same = columns.len() == self.schema.fields().len()
+            && columns.iter().zip(self.schema.fields()).all(|(c, f)| c.data_type() == f.data_type());
+        if !same {
             return Err(ParquetError::General(format!(
                 "feature rows writer: batch schema {} differs from {}",
                 batch.schema(),

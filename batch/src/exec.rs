@@ -302,9 +302,17 @@ impl ExecutionPlan for FeatureWindowExec {
 /// its events times the windows each falls in, are held until the rows before them are out.
 const RUN_BATCHES: usize = 2;
 
+/// Key runs being computed or waiting to be written, per task the session runs at once.
+const RUNS_AHEAD_PER_TASK: usize = 2;
+
 /// The window stage over one stream sorted by key, then event time ([`Spread::KeyRuns`]): the
-/// stream is cut into runs of whole keys, up to `tasks` of which compute at once, each on a
-/// fresh [`StageState`]; their output batches come out in run order.
+/// stream is cut into runs of whole keys, each computed by a task of its own on a fresh
+/// [`StageState`]; their output batches come out in run order.
+///
+/// Cutting runs (and so merging the sorted input) is a task of its own too, which works ahead
+/// of the consumer by up to `RUNS_AHEAD_PER_TASK * tasks` runs: were it driven by the consumer,
+/// a consumer waiting on its own output (a writer's full channel) would stop the merge and
+/// leave the cores idle.
 fn key_runs(
     stage: WindowStage,
     input: SendableRecordBatchStream,
@@ -313,38 +321,58 @@ fn key_runs(
 ) -> SendableRecordBatchStream {
     let schema = stage.output_schema.clone();
     let keys = stage.layout.keys;
-    let cutter = KeyRunCutter { min_rows: RUN_BATCHES * batch_size, pending: Vec::new(), rows: 0 };
-    let runs = futures::stream::unfold(Some((input, cutter)), move |current| async move {
-        let (mut input, mut cutter) = current?;
+    let (runs, received) =
+        tokio::sync::mpsc::channel::<SpawnedTask<Result<Vec<RecordBatch>>>>(RUNS_AHEAD_PER_TASK * tasks.max(1));
+    let cutting = SpawnedTask::spawn(async move {
+        let mut input = input;
+        let mut cutter = KeyRunCutter { min_rows: RUN_BATCHES * batch_size, pending: Vec::new(), rows: 0 };
         loop {
-            match input.next().await {
+            let (run, last) = match input.next().await {
                 Some(Ok(batch)) => match cutter.push(batch, keys) {
-                    Ok(Some(run)) => return Some((Ok(run), Some((input, cutter)))),
-                    Ok(None) => {}
-                    Err(e) => return Some((Err(e), None)),
+                    Ok(Some(run)) => (Ok(run), false),
+                    Ok(None) => continue,
+                    Err(e) => (Err(e), true),
                 },
-                Some(Err(e)) => return Some((Err(e), None)),
-                None => return cutter.rest().map(|run| (Ok(run), None)),
+                Some(Err(e)) => (Err(e), true),
+                None => match cutter.rest() {
+                    Some(run) => (Ok(run), true),
+                    None => return,
+                },
+            };
+            let stage = stage.clone();
+            let task = SpawnedTask::spawn(async move { window_run(&stage, batch_size, &run?) });
+            // A send fails only once the consumer is gone: nothing is left to do.
+            if runs.send(task).await.is_err() || last {
+                return;
             }
         }
     });
-    let windows = runs
-        .map(move |run: Result<Vec<RecordBatch>>| {
-            let stage = stage.clone();
-            async move {
-                let run = run?;
-                SpawnedTask::spawn(async move { window_run(&stage, batch_size, &run) })
-                    .join_unwind()
-                    .await
-                    .map_err(|e| DataFusionError::ExecutionJoin(Box::new(e)))?
+    // The consumer holds the cutting task: dropping the stream cancels it, and with it the runs
+    // it has not handed over (a `SpawnedTask` aborts when dropped).
+    let joined = |joined: std::result::Result<Result<Vec<RecordBatch>>, _>| {
+        joined.map_err(|e| DataFusionError::ExecutionJoin(Box::new(e))).and_then(|r| r)
+    };
+    let windows = futures::stream::unfold(Some((cutting, received)), move |state| async move {
+        let (cutting, mut received) = state?;
+        let result = match received.recv().await {
+            Some(task) => joined(task.join().await),
+            // The cutting task is done and every run handed over, unless it panicked: join it
+            // so that a panic is an error rather than output cut short.
+            None => {
+                return match cutting.join().await {
+                    Ok(()) => None,
+                    Err(e) => Some((Err(DataFusionError::ExecutionJoin(Box::new(e))), None)),
+                };
             }
-        })
-        .buffered(tasks + 1)
-        .map(|result: Result<Vec<RecordBatch>>| match result {
-            Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).left_stream(),
-            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
-        })
-        .flatten();
+        };
+        let failed = result.is_err();
+        Some((result, (!failed).then_some((cutting, received))))
+    })
+    .map(|result: Result<Vec<RecordBatch>>| match result {
+        Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).left_stream(),
+        Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+    })
+    .flatten();
     Box::pin(RecordBatchStreamAdapter::new(schema, windows))
 }
 

@@ -75,8 +75,21 @@ impl CompiledFeature {
     }
 
     /// The expressions the window stage reads, in [`StageLayout`] order: keys, event time,
-    /// then per aggregate its argument and its `FILTER` mask.
+    /// then the aggregates' arguments and `FILTER` masks. An argument or mask several aggregates
+    /// share (`sum(amount)`, `max(amount)`) is one column, so the sort before the window stage
+    /// carries it once.
     pub fn stage_exprs(&self) -> Vec<Expr> {
+        self.stage_columns().0
+    }
+
+    /// Where each input sits among [`CompiledFeature::stage_exprs`].
+    pub fn layout(&self) -> StageLayout {
+        self.stage_columns().1
+    }
+
+    /// [`CompiledFeature::stage_exprs`] and [`CompiledFeature::layout`], built together so they
+    /// cannot disagree.
+    fn stage_columns(&self) -> (Vec<Expr>, StageLayout) {
         let mut exprs: Vec<Expr> = self
             .feature
             .key
@@ -84,37 +97,33 @@ impl CompiledFeature {
             .zip(&self.key_types)
             .map(|(key, t)| cast(col(quoted(key)), t.arrow_type()).alias(key))
             .collect();
+        let keys = exprs.len();
         exprs.push(col(quoted(&self.source.event_time)).alias(TIME_COLUMN));
+        // Each distinct argument or mask expression with the column it was given.
+        let mut columns: Vec<(Expr, usize)> = Vec::new();
+        let mut column_of = |expr: Expr, name: String, exprs: &mut Vec<Expr>| -> usize {
+            if let Some((_, i)) = columns.iter().find(|(e, _)| *e == expr) {
+                return *i;
+            }
+            exprs.push(expr.clone().alias(name));
+            columns.push((expr, exprs.len() - 1));
+            exprs.len() - 1
+        };
+        let (mut args, mut masks) = (Vec::new(), Vec::new());
         for (i, aggregate) in self.aggregates.iter().enumerate() {
-            if let (Some(arg), Some(input)) = (&aggregate.arg, aggregate.spec.input) {
+            args.push(match (&aggregate.arg, aggregate.spec.input) {
                 // Cast even when the declared type matches: histories may store a compatible
                 // physical type (e.g. Utf8View, Int32, timestamps in nanoseconds).
-                exprs.push(cast(arg.clone(), input.arrow_type()).alias(format!("__lockstep_arg_{i}")));
-            }
-            if let Some(filter) = &aggregate.filter {
-                exprs.push(Expr::IsTrue(Box::new(filter.clone())).alias(format!("__lockstep_when_{i}")));
-            }
-        }
-        exprs
-    }
-
-    /// Where each input sits among [`CompiledFeature::stage_exprs`].
-    pub fn layout(&self) -> StageLayout {
-        let keys = self.feature.key.len();
-        let mut next = keys + 1;
-        let mut args = Vec::new();
-        let mut masks = Vec::new();
-        for aggregate in &self.aggregates {
-            args.push(aggregate.arg.as_ref().map(|_| {
-                next += 1;
-                next - 1
-            }));
-            masks.push(aggregate.filter.as_ref().map(|_| {
-                next += 1;
-                next - 1
+                (Some(arg), Some(input)) => {
+                    Some(column_of(cast(arg.clone(), input.arrow_type()), format!("__lockstep_arg_{i}"), &mut exprs))
+                }
+                _ => None,
+            });
+            masks.push(aggregate.filter.as_ref().map(|filter| {
+                column_of(Expr::IsTrue(Box::new(filter.clone())), format!("__lockstep_when_{i}"), &mut exprs)
             }));
         }
-        StageLayout { keys, time: keys, args, masks }
+        (exprs, StageLayout { keys, time: keys, args, masks })
     }
 
     /// The output schema of SPEC §2: keys, `window_start`, `window_end`, then the aggregations.
@@ -410,6 +419,38 @@ fn parse_call(sql: &str) -> Result<Call, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Aggregates over the same argument, or with the same `FILTER`, read one stage column; each
+    /// distinct expression has a column of its own, and the layout points every aggregate at it.
+    #[test]
+    fn shared_arguments_and_filters_are_one_stage_column() {
+        let yaml = r#"
+sources:
+  tx:
+    schema: { user_id: string, amount: float64, event_type: string, event_time: timestamp }
+    event_time: event_time
+features:
+  f:
+    source: tx
+    key: [user_id]
+    window: { tumbling: 1h }
+    aggregations:
+      total: sum(amount)
+      biggest: max(amount)
+      refunds: count(*) FILTER (WHERE event_type = 'refund')
+      refund_total: sum(amount) FILTER (WHERE event_type = 'refund')
+      doubled: sum(amount * 2)
+      n: count(*)
+"#;
+        let definitions = Definitions::parse("f.yaml", yaml, std::path::Path::new(".")).unwrap();
+        let feature = compile_feature(&definitions, definitions.feature("f").unwrap()).unwrap();
+        let layout = feature.layout();
+        // user_id, event time, amount, the refund mask, amount * 2.
+        assert_eq!(feature.stage_exprs().len(), 5);
+        assert_eq!(layout.args, [Some(2), Some(2), None, Some(2), Some(4), None]);
+        assert_eq!(layout.masks, [None, None, Some(3), Some(3), None, None]);
+        assert_eq!((layout.keys, layout.time), (1, 1));
+    }
 
     #[test]
     fn takes_calls_apart() {

@@ -200,46 +200,31 @@ async fn write_parquet(frame: DataFrame, url: &str, single_file: bool, keys: &[S
 }
 
 /// Runs `frame` (feature rows, sorted by key and window) and writes its rows to the Parquet file
-/// `path` with [`crate::rows_parquet::RowsWriter`], on a blocking thread of the runtime so that
-/// encoding overlaps the job.
+/// `path` with [`crate::rows_parquet::RowsWriter`]. Rows are encoded as they arrive, by a task on
+/// the runtime that also runs the plan: the plan's other tasks compute the rows that follow
+/// meanwhile, and the batches are freed by the threads that allocated them, so the memory they
+/// return is at hand for the next ones rather than fresh memory faulted in.
 async fn write_rows(frame: DataFrame, path: &Path, keys: &[String]) -> Result<(), BatchError> {
     use futures::StreamExt;
-    let failed = |message: String| BatchError::Output { location: path.display().to_string(), message };
+    let failed = {
+        let location = path.display().to_string();
+        move |message: String| BatchError::Output { location: location.clone(), message }
+    };
     let schema = Arc::new(frame.schema().as_arrow().clone());
-    let mut stream = frame.execute_stream().await?;
     let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
     let mut writer =
         crate::rows_parquet::RowsWriter::try_new(std::io::BufWriter::with_capacity(1 << 20, file), schema, keys)
             .map_err(|e| failed(e.to_string()))?;
-    // An async channel: a full one suspends this task rather than blocking a runtime thread that
-    // the job's own tasks need.
-    let (batches, mut received) = tokio::sync::mpsc::channel::<arrow::array::RecordBatch>(16);
-    let encoder = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        while let Some(batch) = received.blocking_recv() {
-            writer.write(batch).map_err(|e| e.to_string())?;
+    let encode = failed.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = frame.execute_stream().await?;
+        while let Some(batch) = stream.next().await {
+            writer.write(batch?).map_err(|e| encode(e.to_string()))?;
         }
-        let mut out = writer.finish().map_err(|e| e.to_string())?;
-        out.flush().map_err(|e| e.to_string())
+        let mut out = writer.finish().map_err(|e| encode(e.to_string()))?;
+        out.flush().map_err(|e| encode(e.to_string()))
     });
-    let mut result = Ok(());
-    while let Some(batch) = stream.next().await {
-        match batch {
-            // A send fails only once the encoder has stopped on an error, reported below.
-            Ok(batch) => {
-                if batches.send(batch).await.is_err() {
-                    break;
-                }
-            }
-            Err(error) => {
-                result = Err(BatchError::from(error));
-                break;
-            }
-        }
-    }
-    drop(batches);
-    let encoded = encoder.await.map_err(|e| failed(format!("the Parquet encoder failed: {e}")))?;
-    result?;
-    encoded.map_err(failed)
+    task.await.map_err(|e| failed(format!("the Parquet writer failed: {e}")))?
 }
 
 /// The rows of `frame`, in its order, as a plan Delta's writer cannot reorder. Given the plan

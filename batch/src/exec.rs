@@ -349,13 +349,10 @@ fn key_runs(
     });
     // The consumer holds the cutting task: dropping the stream cancels it, and with it the runs
     // it has not handed over (a `SpawnedTask` aborts when dropped).
-    let joined = |joined: std::result::Result<Result<Vec<RecordBatch>>, _>| {
-        joined.map_err(|e| DataFusionError::ExecutionJoin(Box::new(e))).and_then(|r| r)
-    };
-    let windows = futures::stream::unfold(Some((cutting, received)), move |state| async move {
+    let windows = futures::stream::unfold(Some((cutting, received)), |state| async move {
         let (cutting, mut received) = state?;
         let result = match received.recv().await {
-            Some(task) => joined(task.join().await),
+            Some(task) => task.join().await.map_err(|e| DataFusionError::ExecutionJoin(Box::new(e))).and_then(|r| r),
             // The cutting task is done and every run handed over, unless it panicked: join it
             // so that a panic is an error rather than output cut short.
             None => {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::common::config::{ParquetColumnOptions, TableParquetOptions};
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::dataframe::{DataFrame, DataFrameWriteOptions};
 use datafusion::execution::SessionState;
 use deltalake::protocol::SaveMode;
@@ -216,7 +217,8 @@ async fn write_rows(frame: DataFrame, path: &Path, keys: &[String]) -> Result<()
         crate::rows_parquet::RowsWriter::try_new(std::io::BufWriter::with_capacity(1 << 20, file), schema, keys)
             .map_err(|e| failed(e.to_string()))?;
     let encode = failed.clone();
-    let task = tokio::spawn(async move {
+    // A `SpawnedTask` aborts when dropped: a job given up stops computing and writing.
+    let task = SpawnedTask::spawn(async move {
         let mut stream = frame.execute_stream().await?;
         while let Some(batch) = stream.next().await {
             writer.write(batch?).map_err(|e| encode(e.to_string()))?;
@@ -224,7 +226,7 @@ async fn write_rows(frame: DataFrame, path: &Path, keys: &[String]) -> Result<()
         let mut out = writer.finish().map_err(|e| encode(e.to_string()))?;
         out.flush().map_err(|e| encode(e.to_string()))
     });
-    task.await.map_err(|e| failed(format!("the Parquet writer failed: {e}")))?
+    task.join().await.map_err(|e| failed(format!("the Parquet writer failed: {e}")))?
 }
 
 /// The rows of `frame`, in its order, as a plan Delta's writer cannot reorder. Given the plan

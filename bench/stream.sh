@@ -5,6 +5,12 @@
 #
 #   EVENTS=1000000 RUNS=3 RATE=50000 RATE_SECONDS=30 bench/stream.sh
 #
+# Two workloads of generated events, both replayed far faster than their event time passes:
+# - sparse: 20,000 users over 7 days (the batch benchmark's shape). A user's events are hours
+#   apart, so each one opens windows of its own: about 25 window rows fire per event;
+# - dense: 200 users over 1 day. Each user's minute holds events, so windows fire about once per
+#   key and minute: about one window row per event, and the cost is reading and aggregating.
+#
 # 1. Sustained throughput: EVENTS events are produced to a fresh one-partition topic first, then
 #    one worker consumes them to the end (--until-idle); throughput = events / time spent in
 #    cycles (decode, engine, produce, online store, commit). Median of RUNS, each with the
@@ -30,10 +36,17 @@ set +a
 rm -rf "$WORK" && mkdir -p "$WORK"
 tag="$(date +%s)"
 
-"$BIN" generate --events "$EVENTS" --users 20000 --days 7 --seed 42 --out "$WORK/events.jsonl" --quiet
-"$BIN" generate --events "$EVENTS" --users 20000 --days 7 --seed 42 --out "$WORK/events.parquet" --quiet
+# Workload name → generator shape.
+declare -A shape=([sparse]="--users 20000 --days 7" [dense]="--users 200 --days 1")
 rate_events=$((RATE * RATE_SECONDS))
-"$BIN" generate --events "$rate_events" --users 20000 --days 7 --seed 43 --out "$WORK/rate.jsonl" --quiet
+for workload in sparse dense; do
+  for format in jsonl parquet; do
+    # shellcheck disable=SC2086
+    "$BIN" generate --events "$EVENTS" ${shape[$workload]} --seed 42 --out "$WORK/$workload.$format" --quiet
+  done
+  # shellcheck disable=SC2086
+  "$BIN" generate --events "$rate_events" ${shape[$workload]} --seed 43 --out "$WORK/$workload-rate.jsonl" --quiet
+done
 
 # A definitions file for topic $1, writing output topic $1.windows.
 defs() {
@@ -43,84 +56,120 @@ defs() {
 }
 
 throughput() { sed -n 's/.*sustained \([0-9]*\) events\/s.*/\1/p'; }
+windows() { sed -n 's/.* \([0-9]*\) window changes.*/\1/p'; }
 
 # Empties the online store (the project's test Redis, which the benchmark has to itself).
 clear_store() { redis-cli -u "$REDIS_URL" FLUSHDB > /dev/null; }
 
-declare -a with_online without_online replay
+# Results, one line per measurement: workload mode value.
+results="$WORK/results.txt"
+: > "$results"
 for run in $(seq 1 "$RUNS"); do
-  for mode in online plain; do
-    topic="bench-$tag-$run-$mode"
-    file="$(defs "$topic")"
-    "$BIN" produce "$WORK/events.jsonl" --brokers "$KAFKA_BROKERS" --topic "$topic" --partitions 1 --quiet > /dev/null
-    if [ "$mode" = online ]; then flags=(--online "$REDIS_URL"); else flags=(--no-online); fi
-    # Every run writes the same hashes (same feature set, versions from offset 0): start each
-    # from an empty store, or a run's writes are judged against the last run's versions.
-    clear_store
-    out="$("$BIN" stream "$file" --feature user_velocity --brokers "$KAFKA_BROKERS" --group "g-$topic" \
-      --instance bench --until-idle 3s --quiet "${flags[@]}")"
-    echo "$out"
-    value="$(echo "$out" | throughput)"
-    if [ "$mode" = online ]; then with_online+=("$value"); else without_online+=("$value"); fi
+  for workload in sparse dense; do
+    for mode in online plain; do
+      topic="bench-$tag-$run-$workload-$mode"
+      file="$(defs "$topic")"
+      "$BIN" produce "$WORK/$workload.jsonl" --brokers "$KAFKA_BROKERS" --topic "$topic" --partitions 1 --quiet > /dev/null
+      if [ "$mode" = online ]; then flags=(--online "$REDIS_URL"); else flags=(--no-online); fi
+      # Every run writes the same hashes (same feature set, versions from offset 0): start each
+      # from an empty store, or a run's writes are judged against the last run's versions.
+      clear_store
+      out="$("$BIN" stream "$file" --feature user_velocity --brokers "$KAFKA_BROKERS" --group "g-$topic" \
+        --instance bench --until-idle 3s "${flags[@]}" 2> /dev/null)"
+      echo "$workload $mode: $out"
+      echo "$workload $mode $(echo "$out" | throughput)" >> "$results"
+      echo "$workload windows $(echo "$out" | windows)" >> "$results"
+    done
+    start=$(date +%s.%N)
+    "$BIN" stream "$(defs "bench-$tag-replay")" --feature user_velocity --replay "$WORK/$workload.parquet" --quiet
+    end=$(date +%s.%N)
+    echo "$workload replay $(python3 -c "print(round($EVENTS / ($end - $start)))")" >> "$results"
   done
-  start=$(date +%s.%N)
-  "$BIN" stream "$(defs "bench-$tag-replay")" --feature user_velocity --replay "$WORK/events.parquet" --quiet
-  end=$(date +%s.%N)
-  replay+=("$(python3 -c "print(round($EVENTS / ($end - $start)))")")
 done
 
 # Latency at a fixed rate: the worker first, then the producer.
-topic="bench-$tag-rate"
-file="$(defs "$topic")"
-"$BIN" produce /dev/null --brokers "$KAFKA_BROKERS" --topic "$topic" --partitions 1 --quiet > /dev/null
-clear_store
-"$BIN" stream "$file" --feature user_velocity --brokers "$KAFKA_BROKERS" --group "g-$topic" --instance bench \
-  --until-idle 5s --online "$REDIS_URL" --quiet > "$WORK/rate.out" &
-worker=$!
-sleep 3
-"$BIN" produce "$WORK/rate.jsonl" --brokers "$KAFKA_BROKERS" --topic "$topic" --rate "$RATE" --quiet | tee "$WORK/produce.out"
-wait "$worker"
-cat "$WORK/rate.out"
-p50="$(sed -n 's/.*p50 \([0-9]*\) ms.*/\1/p' "$WORK/rate.out")"
-p99="$(sed -n 's/.*p99 \([0-9]*\) ms.*/\1/p' "$WORK/rate.out")"
-achieved="$(sed -n 's/.*(\([0-9]*\)\/s).*/\1/p' "$WORK/produce.out")"
+for workload in sparse dense; do
+  topic="bench-$tag-rate-$workload"
+  file="$(defs "$topic")"
+  "$BIN" produce /dev/null --brokers "$KAFKA_BROKERS" --topic "$topic" --partitions 1 --quiet > /dev/null
+  clear_store
+  "$BIN" stream "$file" --feature user_velocity --brokers "$KAFKA_BROKERS" --group "g-$topic" --instance bench \
+    --until-idle 5s --online "$REDIS_URL" --quiet > "$WORK/rate-$workload.out" &
+  worker=$!
+  sleep 3
+  "$BIN" produce "$WORK/$workload-rate.jsonl" --brokers "$KAFKA_BROKERS" --topic "$topic" --rate "$RATE" --quiet \
+    | tee "$WORK/produce-$workload.out"
+  wait "$worker"
+  cat "$WORK/rate-$workload.out"
+  echo "$workload p50 $(sed -n 's/.*p50 \([0-9]*\) ms.*/\1/p' "$WORK/rate-$workload.out")" >> "$results"
+  echo "$workload p99 $(sed -n 's/.*p99 \([0-9]*\) ms.*/\1/p' "$WORK/rate-$workload.out")" >> "$results"
+  echo "$workload achieved $(sed -n 's/.*(\([0-9]*\)\/s).*/\1/p' "$WORK/produce-$workload.out")" >> "$results"
+done
 
-python3 - "$EVENTS" "$RUNS" "$RATE" "$RATE_SECONDS" "$achieved" "$p50" "$p99" \
-  "${with_online[*]}" "${without_online[*]}" "${replay[*]}" <<'PY'
-import os, statistics, sys
+python3 - "$EVENTS" "$RUNS" "$RATE" "$RATE_SECONDS" "$results" <<'PY'
+import collections, os, statistics, sys
 from pathlib import Path
-events, runs, rate, seconds, achieved, p50, p99 = sys.argv[1:8]
-online, plain, replay = ([int(v) for v in a.split()] for a in sys.argv[8:11])
-med = lambda xs: int(statistics.median(xs))
-base = med(replay)
+events, runs, rate, seconds = (int(v) for v in sys.argv[1:5])
+values = collections.defaultdict(list)
+for line in Path(sys.argv[5]).read_text().split("\n"):
+    if line.strip():
+        workload, what, value = line.split()
+        values[workload, what].append(int(value))
+med = lambda workload, what: int(statistics.median(values[workload, what]))
+shapes = {"sparse": "20,000 users over 7 days", "dense": "200 users over 1 day"}
 lines = [
     "## Streaming: one worker, exactly-once, the SPEC example feature set",
     "",
-    f"`user_velocity` (1h windows every 1m; 6 aggregates) over {int(events):,} generated events "
-    f"(20,000 users, 7 days) read from a one-partition topic by one worker: every cycle commits the "
-    f"fired windows, the changelog and the offsets in one Kafka transaction. Throughput is events "
-    f"per second of processing (decode, engine, produce, online store, commit), median of {runs} "
-    f"runs; the replay source runs the same engine without a broker. `bench/stream.sh` reproduces this.",
+    f"`user_velocity` (1h windows every 1m; 6 aggregates) over {events:,} generated events read from "
+    f"a one-partition topic by one worker: every cycle commits the fired windows, the changelog and "
+    f"the offsets in one Kafka transaction. Throughput is events per second of processing (decode, "
+    f"engine, produce, online store, commit), median of {runs} runs; the replay source runs the "
+    f"same engine without a broker. Two workloads: *sparse* ({shapes['sparse']}: a user's events "
+    f"are hours apart, so each opens windows of its own) and *dense* ({shapes['dense']}: windows "
+    f"fire about once per key and minute). `bench/stream.sh` reproduces this.",
     "",
-    "| mode | median events/s | vs replay |",
-    "|---|---:|---:|",
-    f"| replay source (engine only, Parquet in, no output) | {base:,} | 1.00× |",
-    f"| Kafka, exactly-once, no online store | {med(plain):,} | {med(plain) / base:.2f}× |",
-    f"| Kafka, exactly-once, Redis online store | {med(online):,} | {med(online) / base:.2f}× |",
+    "| workload | window rows per event | replay source | Kafka, exactly-once | Kafka + Redis |",
+    "|---|---:|---:|---:|---:|",
+]
+for workload in ("sparse", "dense"):
+    per_event = med(workload, "windows") / events
+    lines.append(
+        f"| {workload} ({shapes[workload]}) | {per_event:.2f} | {med(workload, 'replay'):,} events/s "
+        f"| {med(workload, 'plain'):,} events/s | {med(workload, 'online'):,} events/s |"
+    )
+lines += ["", "Runs (events/s):", ""]
+for workload in ("sparse", "dense"):
+    lines.append(
+        f"- {workload}: replay {values[workload, 'replay']}; Kafka {values[workload, 'plain']}; "
+        f"Kafka + Redis {values[workload, 'online']}"
+    )
+lines += [
     "",
-    f"Runs: replay {replay}; Kafka {plain}; Kafka + Redis {online}.",
+    f"Latency at a target rate of {rate:,} events/s for {seconds} s, one worker with Redis on: from "
+    f"the produce of the event that caused a window to the window written to Redis.",
     "",
-    f"Latency at a target rate of {int(rate):,} events/s for {seconds} s (the producer reached "
-    f"{int(achieved or 0):,}/s): from the produce of the event that caused a window to the window "
-    f"written to Redis, p50 **{p50} ms**, p99 **{p99} ms** (one worker, Redis on)."
-    + (f" One worker sustains about {med(online):,} events/s with the online store, below the offered "
-       f"rate, so the backlog grows through the run and these latencies are mostly queueing."
-       if med(online) < int(rate) else ""),
+    "| workload | producer reached | p50 | p99 |",
+    "|---|---:|---:|---:|",
+]
+for workload in ("sparse", "dense"):
+    lines.append(
+        f"| {workload} | {med(workload, 'achieved'):,} events/s | {med(workload, 'p50'):,} ms "
+        f"| {med(workload, 'p99'):,} ms |"
+    )
+lines += [""]
+for workload in ("sparse", "dense"):
+    if med(workload, "online") < rate:
+        lines.append(
+            f"On the {workload} workload one worker sustains about {med(workload, 'online'):,} events/s "
+            f"with the online store, below the offered rate: the backlog grows through the run and "
+            f"its latencies are mostly queueing."
+        )
+lines += [
     "",
-    "Each event here fires about 25 window rows (1h windows every 1m over sparse users): emitting "
-    "them — JSON records into Kafka and versioned writes into Redis — is where the time goes. "
-    "Every online run starts from an empty store (each run writes the same hashes). With it, "
-    "Redis's one thread is the limit: each window is a hash field written, and later trimmed.",
+    "Where the time goes: on the sparse workload, emitting the window rows (JSON records into "
+    "Kafka, runs of equal windows into Redis); on the dense one, reading, decoding and "
+    "aggregating events, with each commit's fixed cost hidden behind cycles that grow under a "
+    "backlog.",
     "",
     f"Machine: {os.cpu_count()} cores; Kafka 4.4.0 (KRaft, one node) and Redis on the same machine.",
     "",

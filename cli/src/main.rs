@@ -670,8 +670,9 @@ struct KafkaRun {
     /// Do not write the online store.
     #[arg(long)]
     no_online: bool,
-    /// Most messages per transaction.
-    #[arg(long, default_value_t = 5_000)]
+    /// Most messages per transaction (cycles start at 5000 and grow while a commit outlasts the
+    /// work it overlaps).
+    #[arg(long, default_value_t = 50_000)]
     max_batch: usize,
     /// A librdkafka setting for every Kafka client of the job, as KEY=VALUE (repeatable),
     /// e.g. security.protocol=SASL_SSL.

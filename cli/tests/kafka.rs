@@ -6,7 +6,7 @@
 //! key and window) must equal `lockstep batch` over the same events bit for bit, except windows
 //! with too-late events — exactly those named on the late topic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -534,36 +534,44 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     let got = last_values(&read_topic(&brokers, &fixture.output));
     let client = redis::Client::open(redis_url.as_str()).unwrap();
     let mut connection = client.get_connection().unwrap();
-    // Per key, the latest windows by start must be in the store with the topic's values: at least
-    // the `retain` latest (all, for a key with fewer), at most twice that (trimming waits).
-    let mut by_key: BTreeMap<String, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+    // Per key, every window the store holds has the topic's last value (where runs overlap, the
+    // highest version), and it holds every window within `retain` steps of the key's latest one
+    // (trimming keeps them); at most twice `retain` fields plus the version (trimming waits).
+    let mut by_key: BTreeMap<String, BTreeMap<i64, serde_json::Value>> = BTreeMap::new();
     for (key, value) in &got {
         let key: serde_json::Value = serde_json::from_slice(key).unwrap();
+        let mut row: serde_json::Value = serde_json::from_slice(value).unwrap();
+        row.as_object_mut().unwrap().remove("user_id");
         by_key
             .entry(key["user_id"].as_str().unwrap().to_string())
             .or_default()
-            .push((key["window_start"].as_i64().unwrap(), value.clone()));
+            .insert(key["window_start"].as_i64().unwrap(), row);
     }
     assert!(by_key.len() > 50);
     let definitions = Definitions::load(&fixture.definitions).unwrap();
     let compiled = compile_feature(&definitions, definitions.feature("velocity").unwrap()).unwrap();
-    let retain = lockstep_stream::online::retained_windows(&compiled);
-    for (user, mut windows) in by_key {
-        windows.sort();
+    let retain = lockstep_stream::online::retained_windows(&compiled) as i64;
+    let (mut runs, mut windows_stored) = (0, 0);
+    for (user, windows) in &by_key {
         let hash = format!("lockstep:velocity:[\"{user}\"]");
-        let stored: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&hash).query(&mut connection).unwrap();
-        let rows: BTreeMap<String, String> = stored.into_iter().filter(|(k, _)| k.starts_with("w:")).collect();
-        let kept = rows.len();
-        assert!(
-            kept >= retain.min(windows.len()) && kept <= 2 * retain,
-            "{hash}: {kept} stored windows of {}, retain {retain}",
-            windows.len()
-        );
-        let latest = &windows[windows.len().saturating_sub(kept)..];
-        let expected: BTreeMap<String, String> =
-            latest.iter().map(|(start, value)| (format!("w:{start}"), show(value))).collect();
-        assert!(rows == expected, "{hash}: the {kept} stored windows are not the latest ones with the topic's values");
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&hash).query(&mut connection).unwrap();
+        assert!(fields.len() as i64 <= 2 * retain + 2, "{hash}: {} fields, retain {retain}", fields.len());
+        let stored = lockstep_stream::online::stored_windows(&compiled, &fields);
+        let newest = *windows.keys().last().unwrap();
+        let horizon = newest - (retain - 1) * 300_000;
+        let wanted: BTreeMap<i64, serde_json::Value> =
+            windows.iter().filter(|(start, _)| **start >= horizon).map(|(s, v)| (*s, v.clone())).collect();
+        let held: BTreeMap<i64, serde_json::Value> =
+            stored.iter().filter(|(start, _)| **start >= horizon).map(|(s, v)| (*s, v.clone())).collect();
+        assert!(held == wanted, "{hash}: the stored windows since {horizon} are not the topic's");
+        for (start, row) in &stored {
+            assert_eq!(Some(row), windows.get(start), "{hash}: stored window {start} is not the topic's");
+        }
+        runs += fields.len() - 1;
+        windows_stored += stored.len();
     }
+    // Neighbouring windows with equal values share a field.
+    assert!(runs * 2 < windows_stored, "{runs} runs for {windows_stored} windows");
 
     // `lockstep serve` answers from that store with the window SPEC §6 picks for the request
     // time: a request at window_end + serving delay (30 s) gets that window, 1 ms earlier the
@@ -599,9 +607,8 @@ async fn the_online_store_holds_the_latest_windows_of_each_key() {
     for (user, (start, value)) in latest.iter().take(100) {
         let start = *start;
         let hash = format!("lockstep:velocity:[\"{user}\"]");
-        let stored: Option<String> =
-            redis::cmd("HGET").arg(&hash).arg(format!("w:{start}")).query(&mut connection).unwrap();
-        if stored.is_none() {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL").arg(&hash).query(&mut connection).unwrap();
+        if lockstep_stream::online::stored_window(&compiled, &fields, start).is_none() {
             continue; // trimmed: older than the windows the store keeps
         }
         let at = start + 3_600_000 + 30_000;
@@ -718,15 +725,17 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn the_online_store_never_moves_a_window_backwards() {
     use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
-    use lockstep_stream::online::{OnlineStore, OnlineWrites};
+    use lockstep_stream::online::{OnlineStore, OnlineWrites, stored_window};
     use std::sync::Arc;
     let Some(redis_url) = service("REDIS_URL") else { return };
     let feature_name = unique("versions").replace('-', "_");
     let text = format!(
-        "sources:\n  s:\n    schema: {{ k: string, t: timestamp }}\n    event_time: t\nfeatures:\n  {feature_name}:\n    source: s\n    key: [k]\n    window: {{ tumbling: 1m }}\n    aggregations: {{ n: count(*) }}\n"
+        "sources:\n  s:\n    schema: {{ k: string, t: timestamp }}\n    event_time: t\nfeatures:\n  {feature_name}:\n    source: s\n    key: [k]\n    window: {{ tumbling: 1m }}\n    aggregations: {{ n: count(*) }}\n  {feature_name}_s:\n    source: s\n    key: [k]\n    window: {{ session: 1m }}\n    aggregations: {{ n: count(*) }}\n"
     );
     let definitions = Definitions::parse("v.yaml", &text, Path::new(".")).unwrap();
     let compiled = compile_feature(&definitions, definitions.feature(&feature_name).unwrap()).unwrap();
+    let sessions = compile_feature(&definitions, definitions.feature(&format!("{feature_name}_s")).unwrap()).unwrap();
+    // Both feature sets have the output schema (k, window_start, window_end, n).
     let row_at = |n: i64, start: i64| {
         RecordBatch::try_new(
             compiled.output_schema(),
@@ -739,47 +748,99 @@ fn the_online_store_never_moves_a_window_backwards() {
         )
         .unwrap()
     };
-    let row = |n: i64| row_at(n, 0);
-    let mut store = OnlineStore::connect(&redis_url, &compiled).unwrap();
     let mut writes = OnlineWrites::default();
-    let mut connection = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
-    let hash = format!("lockstep:{feature_name}:[\"a\"]");
-    let stored = |connection: &mut redis::Connection| -> Option<String> {
-        redis::cmd("HGET").arg(&hash).arg("w:0").query(connection).unwrap()
+    let upsert = |writes: &mut OnlineWrites, feature: &lockstep_features::CompiledFeature, n, start, version| {
+        let rows = row_at(n, start);
+        writes.upsert(feature, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), version).unwrap();
     };
-    let rows = row(2);
-    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    let mut connection = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
+    let fields = |connection: &mut redis::Connection, feature: &str| -> HashMap<String, String> {
+        redis::cmd("HGETALL").arg(format!("lockstep:{feature}:[\"a\"]")).query(connection).unwrap()
+    };
+    let n_at = |connection: &mut redis::Connection, start: i64| -> Option<i64> {
+        let row = stored_window(&compiled, &fields(connection, &feature_name), start)?;
+        assert_eq!(row["window_end"], start + 60_000);
+        row["n"].as_i64()
+    };
+
+    // Windows: runs of equal neighbours, versioned.
+    let mut store = OnlineStore::connect(&redis_url, &compiled).unwrap();
+    upsert(&mut writes, &compiled, 2, 0, 10);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
+    assert_eq!(n_at(&mut connection, 0), Some(2));
     // An older write (a replayed cycle, or a stale worker) changes nothing; an equal one rewrites.
-    let rows = row(1);
-    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 5).unwrap();
+    upsert(&mut writes, &compiled, 1, 0, 5);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).unwrap().contains("\"n\":2"));
-    let rows = row(3);
-    writes.upsert(&compiled, &WindowRecords::new(&rows, 1), 0, &window_value(&rows, 0), 10).unwrap();
+    assert_eq!(n_at(&mut connection, 0), Some(2));
+    upsert(&mut writes, &compiled, 3, 0, 10);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).unwrap().contains("\"n\":3"));
-    // Retractions follow the same rule.
-    let keys: Vec<arrow::array::ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
-    writes.delete(&compiled, &keys, 0, 0, 9).unwrap();
+    assert_eq!(n_at(&mut connection, 0), Some(3));
+    // Neighbours with equal values are one run; a gap or another value starts a new one.
+    upsert(&mut writes, &compiled, 4, 60_000, 13);
+    upsert(&mut writes, &compiled, 4, 120_000, 14);
+    upsert(&mut writes, &compiled, 4, 240_000, 15);
+    upsert(&mut writes, &compiled, 5, 300_000, 16);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).is_some());
-    writes.delete(&compiled, &keys, 0, 0, 11).unwrap();
+    let mut names: Vec<String> = fields(&mut connection, &feature_name).into_keys().collect();
+    names.sort();
+    assert_eq!(names, ["r:0:0", "r:240000:240000", "r:300000:300000", "r:60000:120000", "version"]);
+    assert_eq!(
+        [60_000, 120_000, 180_000, 240_000].map(|s| n_at(&mut connection, s)),
+        [Some(4), Some(4), None, Some(4)]
+    );
+    // A window fired again inside an older run: the higher version wins there, only there.
+    upsert(&mut writes, &compiled, 6, 120_000, 17);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).is_none());
+    assert_eq!([60_000, 120_000].map(|s| n_at(&mut connection, s)), [Some(4), Some(6)]);
     // One flush carrying a replayed write (of another window) and a new one applies the new one.
-    let (old, new) = (row_at(7, 60_000), row(5));
-    writes.upsert(&compiled, &WindowRecords::new(&old, 1), 0, &window_value(&old, 0), 6).unwrap();
-    writes.upsert(&compiled, &WindowRecords::new(&new, 1), 0, &window_value(&new, 0), 12).unwrap();
+    upsert(&mut writes, &compiled, 7, 360_000, 6);
+    upsert(&mut writes, &compiled, 5, 0, 18);
     store.send(std::mem::take(&mut writes)).unwrap();
-    assert!(stored(&mut connection).unwrap().contains("\"n\":5"));
-    let replayed: Option<String> = redis::cmd("HGET").arg(&hash).arg("w:60000").query(&mut connection).unwrap();
-    assert_eq!(replayed, None, "a write older than the hash's version is a replay");
+    assert_eq!(n_at(&mut connection, 0), Some(5));
+    assert_eq!(n_at(&mut connection, 360_000), None, "a write older than the hash's version is a replay");
+    let hash = format!("lockstep:{feature_name}:[\"a\"]");
     let version: String = redis::cmd("HGET").arg(&hash).arg("version").query(&mut connection).unwrap();
-    assert_eq!(version, format!("{:020}", 12));
+    assert_eq!(version, format!("{:020}", 18));
     let ttl: i64 = redis::cmd("PTTL").arg(&hash).query(&mut connection).unwrap();
     assert!(ttl > 0, "the key expires");
+    // Beyond twice `retain` fields, runs ending more than `retain - 1` steps before the latest
+    // window go (retain 3 here: one window, no serving delay or lateness, 2 spare).
+    assert_eq!(lockstep_stream::online::retained_windows(&compiled), 3);
+    for i in 0..10 {
+        upsert(&mut writes, &compiled, 100 + i, 600_000 + i * 60_000, 20 + i as u64);
+    }
+    store.send(std::mem::take(&mut writes)).unwrap();
+    let kept: Vec<i64> = (0..10).filter_map(|i| n_at(&mut connection, 600_000 + i * 60_000)).collect();
+    assert_eq!(kept, [107, 108, 109]);
+    assert_eq!(fields(&mut connection, &feature_name).len(), 4);
+
+    // Sessions: one field each; retractions follow the same rule.
+    let mut store = OnlineStore::connect(&redis_url, &sessions).unwrap();
+    let session = |connection: &mut redis::Connection| {
+        stored_window(&sessions, &fields(connection, &format!("{feature_name}_s")), 0).map(|row| row["n"].clone())
+    };
+    upsert(&mut writes, &sessions, 2, 0, 10);
+    store.send(std::mem::take(&mut writes)).unwrap();
+    assert_eq!(session(&mut connection), Some(serde_json::json!(2)));
+    let keys: Vec<arrow::array::ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
+    writes.delete(&sessions, &keys, 0, 0, 9).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
+    assert_eq!(session(&mut connection), Some(serde_json::json!(2)));
+    writes.delete(&sessions, &keys, 0, 0, 11).unwrap();
+    store.send(std::mem::take(&mut writes)).unwrap();
+    assert_eq!(session(&mut connection), None);
+    // Beyond twice `retain` sessions, all but the `retain` latest go.
+    let retain = lockstep_stream::online::retained_windows(&sessions) as i64;
+    for i in 0..2 * retain + 2 {
+        upsert(&mut writes, &sessions, i, 600_000 + i * 60_000, 20 + i as u64);
+    }
+    store.send(std::mem::take(&mut writes)).unwrap();
+    let mut starts: Vec<i64> =
+        lockstep_stream::online::stored_windows(&sessions, &fields(&mut connection, &format!("{feature_name}_s")))
+            .into_keys()
+            .collect();
+    starts.sort();
+    assert_eq!(starts, (retain + 2..2 * retain + 2).map(|i| 600_000 + i * 60_000).collect::<Vec<_>>());
 }
 
 /// `GET /metrics` on `addr`, or `None` while the server is not up.

@@ -54,6 +54,9 @@ use crate::metrics::Metrics;
 use crate::online::{OnlineStore, OnlineWrites};
 use crate::records::{WindowRecords, window_key_of};
 
+/// Messages in a worker's first cycles, before their size adapts.
+pub const FIRST_BATCH: usize = 5_000;
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct KafkaOptions {
@@ -65,7 +68,8 @@ pub struct KafkaOptions {
     pub instance: String,
     /// End the run once nothing new arrives for this long (a bounded run).
     pub until_idle: Option<Duration>,
-    /// Most messages per cycle (one transaction).
+    /// Most messages per cycle (one transaction). Cycles start at [`FIRST_BATCH`] messages (or
+    /// fewer, under this) and adapt to the commit's latency (see `next_batch`).
     pub max_batch: usize,
     /// Longest wait to fill a cycle.
     pub batch_wait: Duration,
@@ -97,7 +101,7 @@ impl KafkaOptions {
             group: group.into(),
             instance: instance.into(),
             until_idle: None,
-            max_batch: 5_000,
+            max_batch: 50_000,
             batch_wait: Duration::from_millis(200),
             transaction_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(6),
@@ -276,6 +280,8 @@ pub struct Worker {
     output_partitions: i32,
     /// Produce times (ms) of the messages that caused this cycle's window changes.
     produced: Vec<i64>,
+    /// Most messages the next cycle reads (at most `options.max_batch`).
+    batch: usize,
 }
 
 fn kafka(error: KafkaError) -> StreamError {
@@ -331,6 +337,7 @@ impl Worker {
         producer.init_transactions(Duration::from_secs(60)).map_err(kafka)?;
         consumer.subscribe(&[&topics.input]).map_err(kafka)?;
         info!(group = %options.group, %transactional_id, input = %topics.input, "worker started");
+        let batch = options.max_batch.clamp(1, FIRST_BATCH);
         Ok(Worker {
             decoder: JsonDecoder::new(&feature.source, feature.source_schema.clone()),
             evaluator: StageEvaluator::new(&feature)?,
@@ -350,6 +357,7 @@ impl Worker {
             input_partitions,
             output_partitions,
             produced: Vec::new(),
+            batch,
         })
     }
 
@@ -446,7 +454,7 @@ impl Worker {
     fn poll_batch(&mut self) -> Result<Vec<OwnedMessage>, StreamError> {
         let deadline = Instant::now() + self.options.batch_wait;
         let mut batch: Vec<OwnedMessage> = Vec::new();
-        while batch.len() < self.options.max_batch {
+        while batch.len() < self.batch {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -587,13 +595,23 @@ impl Worker {
         let producer = Arc::clone(&self.producer);
         let topics = self.topics.clone();
         let mut online = self.online.take();
+        let read = by_partition.values().map(Vec::len).sum();
         let (computed, committed) = std::thread::scope(|scope| {
             let committing = previous.map(|prepared| {
                 let (producer, topics, online) = (&producer, &topics, online.as_mut());
-                scope.spawn(move || commit_prepared(producer, topics, metadata, online, prepared))
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    (commit_prepared(producer, topics, metadata, online, prepared), started.elapsed())
+                })
             });
+            let started = Instant::now();
             let computed = self.process_batch(&by_partition);
-            (computed, committing.map(|c| c.join().expect("the commit thread does not panic")))
+            let processing = started.elapsed();
+            let committed = committing.map(|c| c.join().expect("the commit thread does not panic"));
+            if let Some((_, committing)) = &committed {
+                self.batch = next_batch(self.batch, self.options.max_batch, read, processing, *committing);
+            }
+            (computed, committed.map(|(commit, _)| commit))
         });
         self.online = online;
         if let Some(committed) = committed
@@ -1050,6 +1068,24 @@ fn commit_prepared(
     }
 }
 
+/// The size of the next cycle after one of `batch` messages at most read `read` and processed
+/// them in `processing` while the previous cycle's commit took `committing`. A commit has a fixed
+/// cost (its round trips to the transaction coordinator, the markers it writes) and overlaps
+/// the processing of the next cycle: while the commit takes longer and the cycle was full, the
+/// size doubles (up to `most`), so under a backlog cycles grow until processing hides the
+/// commit; when processing takes more than twice as long, it halves (down to [`FIRST_BATCH`]),
+/// so a cycle's work, memory and output latency stay no larger than that needs.
+fn next_batch(batch: usize, most: usize, read: usize, processing: Duration, committing: Duration) -> usize {
+    let most = most.max(1);
+    if read >= batch && committing > processing {
+        (batch * 2).min(most)
+    } else if processing > committing * 2 {
+        (batch / 2).max(FIRST_BATCH.min(most))
+    } else {
+        batch
+    }
+}
+
 /// Enqueues a record, waiting while the local queue is full.
 fn send<K, P>(
     producer: &ThreadedProducer<DefaultProducerContext>,
@@ -1135,4 +1171,26 @@ fn partitions_of(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Resu
 
 fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycles_grow_while_the_commit_outlasts_the_work_and_shrink_when_work_dominates() {
+        let ms = Duration::from_millis;
+        // A full cycle processed faster than the commit: double, up to the most.
+        assert_eq!(next_batch(5_000, 50_000, 5_000, ms(30), ms(110)), 10_000);
+        assert_eq!(next_batch(40_000, 50_000, 40_000, ms(90), ms(110)), 50_000);
+        // Not full (the input is not backed up): keep the size.
+        assert_eq!(next_batch(20_000, 50_000, 7_000, ms(10), ms(110)), 20_000);
+        // Processing within twice the commit: keep; beyond it: halve, not under the first size.
+        assert_eq!(next_batch(20_000, 50_000, 20_000, ms(200), ms(110)), 20_000);
+        assert_eq!(next_batch(20_000, 50_000, 20_000, ms(300), ms(110)), 10_000);
+        assert_eq!(next_batch(6_000, 50_000, 6_000, ms(300), ms(110)), FIRST_BATCH);
+        // A most below the first size bounds both ways.
+        assert_eq!(next_batch(300, 300, 300, ms(1), ms(110)), 300);
+        assert_eq!(next_batch(300, 300, 300, ms(900), ms(110)), 300);
+    }
 }

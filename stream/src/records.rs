@@ -151,9 +151,10 @@ impl<'a> WindowRecords<'a> {
         }
     }
 
-    fn object(&self, out: &mut Vec<u8>, row: usize, columns: usize) {
+    fn object(&self, out: &mut Vec<u8>, row: usize, columns: std::ops::Range<usize>) {
         out.push(b'{');
-        for (i, (name, cells)) in self.names.iter().zip(&self.cells).take(columns).enumerate() {
+        let (names, cells) = (&self.names[columns.clone()], &self.cells[columns]);
+        for (i, (name, cells)) in names.iter().zip(cells).enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -165,12 +166,18 @@ impl<'a> WindowRecords<'a> {
 
     /// Appends the record key of row `row`: its key columns and `window_start`.
     pub fn key(&self, out: &mut Vec<u8>, row: usize) {
-        self.object(out, row, self.keys + 1);
+        self.object(out, row, 0..self.keys + 1);
     }
 
     /// Appends the record value of row `row`: the whole row (SPEC §2 order).
     pub fn value(&self, out: &mut Vec<u8>, row: usize) {
-        self.object(out, row, self.cells.len());
+        self.object(out, row, 0..self.cells.len());
+    }
+
+    /// Appends the aggregates of row `row` as a JSON object (the columns after the key and the
+    /// window bounds; the same text as in the record value).
+    pub fn aggregates(&self, out: &mut Vec<u8>, row: usize) {
+        self.object(out, row, (self.keys + 2).min(self.cells.len())..self.cells.len());
     }
 
     /// Appends the key values of row `row` as a JSON array (the online store's hash name).
@@ -262,6 +269,9 @@ mod tests {
             r#"{"zone \"q\"":null,"id":-9223372036854775808,"window_start":0,"window_end":60000,"sum":"NaN","flag":null}"#
         );
         assert_eq!(text(window_key(&batch, 2, 2)), r#"{"zone \"q\"":"","id":null,"window_start":1767571200000}"#);
+        let mut aggregates = Vec::new();
+        WindowRecords::new(&batch, 2).aggregates(&mut aggregates, 1);
+        assert_eq!(text(aggregates), r#"{"sum":"NaN","flag":null}"#);
         let key_columns = [batch.column(0).clone(), batch.column(1).clone()];
         let names = ["zone \"q\"".to_string(), "id".to_string()];
         assert_eq!(window_key_of(&names, &key_columns, 2, 1_767_571_200_000), window_key(&batch, 2, 2));

@@ -33,7 +33,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use crate::error::StreamError;
-use crate::online::hash_name;
+use crate::online::{hash_name, stored_window, stored_windows};
 use crate::topic::TopicUrl;
 
 /// Latency histogram bucket bounds, in microseconds.
@@ -453,24 +453,15 @@ impl Server {
             // Sliding: the one window SPEC §6 picks; sessions: chosen among the key's sessions.
             let wanted = feature.window().panes().map(|panes| panes.served_window(cutoff));
             for key in keys {
-                let hash = hash_name(name, key);
-                match wanted {
-                    Some((start, _)) => pipeline.cmd("HGET").arg(hash).arg(format!("w:{start}")),
-                    None => pipeline.cmd("HGETALL").arg(hash),
-                };
+                pipeline.cmd("HGETALL").arg(hash_name(name, key));
             }
             let replies: Vec<redis::Value> =
                 pipeline.query(&mut connection).map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
             for (key, reply) in keys.iter().zip(replies) {
+                let fields: HashMap<String, String> = redis::from_redis_value(reply).unwrap_or_default();
                 let (bounds, row) = match wanted {
-                    Some((start, end)) => {
-                        let row: Option<String> = redis::from_redis_value(reply).unwrap_or(None);
-                        ((Some(start), Some(end)), row.and_then(|r| serde_json::from_str::<Json>(&r).ok()))
-                    }
-                    None => {
-                        let fields: HashMap<String, String> = redis::from_redis_value(reply).unwrap_or_default();
-                        latest_session(&fields, cutoff)
-                    }
+                    Some((start, end)) => ((Some(start), Some(end)), stored_window(feature, &fields, start)),
+                    None => ((None, None), latest_session(feature, &fields, cutoff)),
                 };
                 answers.push(self.render(feature, key, at, bounds, row.as_ref()));
             }
@@ -518,20 +509,11 @@ impl Server {
 }
 
 /// The latest session that had ended by `cutoff` among a hash's windows.
-fn latest_session(fields: &HashMap<String, String>, cutoff: i64) -> ((Option<i64>, Option<i64>), Option<Json>) {
-    let mut best: Option<(i64, Json)> = None;
-    for (name, value) in fields {
-        if !name.starts_with("w:") {
-            continue;
-        }
-        let Ok(row) = serde_json::from_str::<Json>(value) else { continue };
-        let Some(end) = row.get("window_end").and_then(Json::as_i64) else { continue };
-        if session_served(end, cutoff) && best.as_ref().is_none_or(|(e, _)| end > *e) {
-            best = Some((end, row));
-        }
-    }
-    match best {
-        Some((_, row)) => ((None, None), Some(row)),
-        None => ((None, None), None),
-    }
+fn latest_session(feature: &CompiledFeature, fields: &HashMap<String, String>, cutoff: i64) -> Option<Json> {
+    stored_windows(feature, fields)
+        .into_values()
+        .filter_map(|row| Some((row.get("window_end")?.as_i64()?, row)))
+        .filter(|(end, _)| session_served(*end, cutoff))
+        .max_by_key(|(end, _)| *end)
+        .map(|(_, row)| row)
 }

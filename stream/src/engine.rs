@@ -9,8 +9,9 @@
 //!
 //! A window fires through a [`Sliding`] state per key that panes enter and leave in order — the
 //! same kernels the batch job slides over panes. A late update to a pane already inside that
-//! state invalidates it; a window that fires again after a late update is merged afresh from
-//! its panes. Both give the same bits, because partial states are exact.
+//! state invalidates it; the windows that fire again after a late update are one slider merged
+//! afresh from its panes and moved over them, which then stays as the key's slider. Both give
+//! the same bits, because partial states are exact.
 //!
 //! Every state change can be tracked ([`Engine::take_changes`]) as records of a changelog keyed
 //! by (key, pane or session start), from which [`Engine::restore`] rebuilds an engine that
@@ -131,6 +132,48 @@ struct KeyEntry {
 enum Shape {
     Panes(Panes),
     Sessions { gap: i64 },
+}
+
+/// Moves a key's slider to the window starting at pane `start` (`per` panes): panes before it
+/// leave and panes up to its last enter. Without a slider, or one not behind `start`, a new
+/// one is merged from the key's panes `held`.
+fn slide_to<'a>(
+    slider: &'a mut Option<Slider>,
+    held: &BTreeMap<i64, Vec<Partial>>,
+    specs: &[AggregateSpec],
+    start: i64,
+    per: i64,
+) -> &'a mut Slider {
+    if slider.as_ref().is_none_or(|s| s.cursor >= start) {
+        let mut window: Vec<Sliding> = specs.iter().map(Sliding::new).collect();
+        for (p, states) in held.range(start..=start.saturating_add(per - 1)) {
+            for (i, sliding) in window.iter_mut().enumerate() {
+                sliding.push(specs[i].function, *p, &states[i]);
+            }
+        }
+        return slider.insert(Slider { window, cursor: start, emitted: None });
+    }
+    let s = slider.as_mut().expect("a slider behind the window");
+    let old_last = s.cursor.saturating_add(per - 1);
+    let mut changed = false;
+    for (p, states) in held.range(s.cursor..start.min(old_last.saturating_add(1))) {
+        for (i, sliding) in s.window.iter_mut().enumerate() {
+            sliding.pop(*p, &states[i]);
+        }
+        changed = true;
+    }
+    let from = start.max(old_last.saturating_add(1));
+    for (p, states) in held.range(from..=start.saturating_add(per - 1)) {
+        for (i, sliding) in s.window.iter_mut().enumerate() {
+            sliding.push(specs[i].function, *p, &states[i]);
+        }
+        changed = true;
+    }
+    s.cursor = start;
+    if changed {
+        s.emitted = None;
+    }
+    s
 }
 
 /// Changelog record kinds (the second byte of a record key).
@@ -436,9 +479,7 @@ impl Engine {
                         t.fired_through.insert(id);
                     }
                 }
-                for start in refire {
-                    self.emit_merged(id, start, ChangeKind::Refire, seq)?;
-                }
+                self.refire(id, &refire, seq)?;
                 self.reschedule(id);
             }
             Shape::Sessions { gap } => {
@@ -631,43 +672,9 @@ impl Engine {
     }
 
     fn fire_sliding(&mut self, id: u32, start: i64, panes: &Panes, seq: u64) -> Result<()> {
-        let per = panes.per_window;
         let entry = self.keys[id as usize].as_mut().expect("live key");
         let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else { unreachable!() };
-        let specs = &self.specs;
-        let slider = match slider {
-            Some(s) if s.cursor < start => {
-                let old_last = s.cursor.saturating_add(per - 1);
-                let mut changed = false;
-                for (p, states) in held.range(s.cursor..start.min(old_last.saturating_add(1))) {
-                    for (i, sliding) in s.window.iter_mut().enumerate() {
-                        sliding.pop(*p, &states[i]);
-                    }
-                    changed = true;
-                }
-                let from = start.max(old_last.saturating_add(1));
-                for (p, states) in held.range(from..=start.saturating_add(per - 1)) {
-                    for (i, sliding) in s.window.iter_mut().enumerate() {
-                        sliding.push(specs[i].function, *p, &states[i]);
-                    }
-                    changed = true;
-                }
-                s.cursor = start;
-                if changed {
-                    s.emitted = None;
-                }
-                s
-            }
-            _ => {
-                let mut window: Vec<Sliding> = specs.iter().map(Sliding::new).collect();
-                for (p, states) in held.range(start..=start.saturating_add(per - 1)) {
-                    for (i, sliding) in window.iter_mut().enumerate() {
-                        sliding.push(specs[i].function, *p, &states[i]);
-                    }
-                }
-                slider.insert(Slider { window, cursor: start, emitted: None })
-            }
-        };
+        let slider = slide_to(slider, held, &self.specs, start, panes.per_window);
         // A slider is dropped whenever an event reaches one of its panes, so unchanged panes
         // mean the values of its last row, which can be copied if that row is in this batch.
         let copy = slider.emitted.filter(|(batch, _)| *batch == self.out.batch).map(|(_, row)| row);
@@ -687,23 +694,27 @@ impl Engine {
         self.out.push(key, row, copy, ChangeKind::Fire, seq)
     }
 
-    /// Emits window `start` merged afresh from its panes (a window firing again after a late
-    /// update).
-    fn emit_merged(&mut self, id: u32, start: i64, kind: ChangeKind, seq: u64) -> Result<()> {
+    /// Emits windows `starts` (ascending) of a key again after a late update. One slider moves
+    /// over them — a window merged from its panes once, then panes leaving and entering, not
+    /// every window merged afresh — and stays as the key's slider.
+    fn refire(&mut self, id: u32, starts: &[i64], seq: u64) -> Result<()> {
         let Shape::Panes(panes) = self.shape else { unreachable!() };
-        let entry = self.keys[id as usize].as_ref().expect("live key");
-        let KeyState::Panes { panes: held, .. } = &entry.state else { unreachable!() };
-        let mut merged: Vec<Partial> = self.specs.iter().map(Partial::empty).collect();
-        for (_, states) in held.range(start..=start.saturating_add(panes.per_window - 1)) {
-            for (i, spec) in self.specs.iter().enumerate() {
-                merged[i].merge(spec.function, &states[i]);
-            }
+        for &start in starts {
+            let entry = self.keys[id as usize].as_mut().expect("live key");
+            let KeyState::Panes { panes: held, slider, .. } = &mut entry.state else { unreachable!() };
+            let slider = slide_to(slider, held, &self.specs, start, panes.per_window);
+            slider.emitted = Some((self.out.batch, self.out.sink.rows));
+            let key = entry.key.clone();
+            let row = WindowRow::single(
+                panes.start_of(start),
+                panes.window_end(start),
+                WindowStates::Sliding(&slider.window),
+                false,
+            );
+            self.counters.refired += 1;
+            self.out.push(key, row, None, ChangeKind::Refire, seq)?;
         }
-        let key = entry.key.clone();
-        let row =
-            WindowRow::single(panes.start_of(start), panes.window_end(start), WindowStates::Merged(&merged), false);
-        self.counters.refired += 1;
-        self.out.push(key, row, None, kind, seq)
+        Ok(())
     }
 
     /// Emits a session: a first row for its start, or a replacement for an earlier one.

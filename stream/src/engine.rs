@@ -479,7 +479,9 @@ impl Engine {
                         t.fired_through.insert(id);
                     }
                 }
-                self.refire(id, &refire, seq)?;
+                for start in refire {
+                    self.emit_sliding(id, start, ChangeKind::Refire, seq)?;
+                }
                 self.reschedule(id);
             }
             Shape::Sessions { gap } => {
@@ -622,7 +624,7 @@ impl Engine {
                     if panes.window_end(start) > watermark {
                         break;
                     }
-                    self.fire_sliding(id, start, &panes, seq)?;
+                    self.emit_sliding(id, start, ChangeKind::Fire, seq)?;
                 }
                 self.release_panes(id, &panes, watermark);
             }
@@ -671,7 +673,12 @@ impl Engine {
         Some(after.max(first.saturating_sub(panes.per_window - 1)))
     }
 
-    fn fire_sliding(&mut self, id: u32, start: i64, panes: &Panes, seq: u64) -> Result<()> {
+    /// Moves the key's slider to the window starting at pane `start` and emits the window: on
+    /// time (`Fire`; it is then the last window of the key that fired) or again after a late
+    /// update (`Refire`, for the windows of a late event in ascending order: one slider merged
+    /// from its panes moves over them, and stays as the key's slider).
+    fn emit_sliding(&mut self, id: u32, start: i64, kind: ChangeKind, seq: u64) -> Result<()> {
+        let Shape::Panes(panes) = self.shape else { unreachable!() };
         let entry = self.keys[id as usize].as_mut().expect("live key");
         let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else { unreachable!() };
         let slider = slide_to(slider, held, &self.specs, start, panes.per_window);
@@ -679,9 +686,14 @@ impl Engine {
         // mean the values of its last row, which can be copied if that row is in this batch.
         let copy = slider.emitted.filter(|(batch, _)| *batch == self.out.batch).map(|(_, row)| row);
         slider.emitted = Some((self.out.batch, self.out.sink.rows));
-        *fired_through = Some(start);
-        if let Some(t) = self.tracking.as_mut() {
-            t.fired_through.insert(id);
+        if matches!(kind, ChangeKind::Fire) {
+            *fired_through = Some(start);
+            if let Some(t) = self.tracking.as_mut() {
+                t.fired_through.insert(id);
+            }
+            self.counters.fired += 1;
+        } else {
+            self.counters.refired += 1;
         }
         let key = entry.key.clone();
         let row = WindowRow::single(
@@ -690,31 +702,7 @@ impl Engine {
             WindowStates::Sliding(&slider.window),
             false,
         );
-        self.counters.fired += 1;
-        self.out.push(key, row, copy, ChangeKind::Fire, seq)
-    }
-
-    /// Emits windows `starts` (ascending) of a key again after a late update. One slider moves
-    /// over them — a window merged from its panes once, then panes leaving and entering, not
-    /// every window merged afresh — and stays as the key's slider.
-    fn refire(&mut self, id: u32, starts: &[i64], seq: u64) -> Result<()> {
-        let Shape::Panes(panes) = self.shape else { unreachable!() };
-        for &start in starts {
-            let entry = self.keys[id as usize].as_mut().expect("live key");
-            let KeyState::Panes { panes: held, slider, .. } = &mut entry.state else { unreachable!() };
-            let slider = slide_to(slider, held, &self.specs, start, panes.per_window);
-            slider.emitted = Some((self.out.batch, self.out.sink.rows));
-            let key = entry.key.clone();
-            let row = WindowRow::single(
-                panes.start_of(start),
-                panes.window_end(start),
-                WindowStates::Sliding(&slider.window),
-                false,
-            );
-            self.counters.refired += 1;
-            self.out.push(key, row, None, ChangeKind::Refire, seq)?;
-        }
-        Ok(())
+        self.out.push(key, row, copy, kind, seq)
     }
 
     /// Emits a session: a first row for its start, or a replacement for an earlier one.

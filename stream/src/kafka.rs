@@ -102,7 +102,7 @@ impl KafkaOptions {
             instance: instance.into(),
             until_idle: None,
             max_batch: 50_000,
-            batch_wait: Duration::from_millis(200),
+            batch_wait: Duration::from_millis(100),
             transaction_timeout: Duration::from_secs(10),
             session_timeout: Duration::from_secs(6),
             client_config: Vec::new(),

@@ -24,7 +24,7 @@
 //! latest. Trimming lists the hash's fields, so it runs once per that many fields written, not
 //! on every write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use arrow::array::ArrayRef;
 use lockstep_features::{CompiledFeature, Window};
@@ -81,16 +81,14 @@ if redis.call('HLEN', KEYS[1]) > 2 * retain + 1 then
       names[count], at[count] = name, position
     end
   end
-  local cut = nil
-  if count == 0 then
-    cut = nil
-  elseif horizon >= 0 then
+  local cut
+  if count > 0 and horizon >= 0 then
     local newest = at[1]
     for i = 2, count do
       newest = math.max(newest, at[i])
     end
     cut = newest - horizon
-  else
+  elseif count > 0 then
     local sorted = {unpack(at, 1, count)}
     table.sort(sorted)
     cut = sorted[count - retain + 1]
@@ -133,6 +131,8 @@ pub struct OnlineWrites {
     order: Vec<String>,
     /// The hash name being looked up.
     name: Vec<u8>,
+    /// The aggregates of the window being buffered.
+    aggregates: Vec<u8>,
 }
 
 /// A buffered write: a run of windows (`first..=last` starts, with `last == first` for a
@@ -147,12 +147,17 @@ struct Write {
 
 /// The hash name of a key of a feature set.
 pub fn hash_name(feature: &str, key: &[Json]) -> String {
-    format!("{}{}", hash_prefix(feature), Json::Array(key.to_vec()))
+    let mut name = Vec::new();
+    write_hash_prefix(&mut name, feature);
+    serde_json::to_writer(&mut name, key).expect("writing to a Vec cannot fail");
+    String::from_utf8(name).expect("JSON is text")
 }
 
-/// What every hash name of a feature set starts with; the key's JSON array follows.
-fn hash_prefix(feature: &str) -> String {
-    format!("lockstep:{feature}:")
+/// Appends what every hash name of a feature set starts with; the key's JSON array follows.
+fn write_hash_prefix(out: &mut Vec<u8>, feature: &str) {
+    out.extend_from_slice(b"lockstep:");
+    out.extend_from_slice(feature.as_bytes());
+    out.push(b':');
 }
 
 /// How many recent windows per key the store keeps for `feature`.
@@ -194,13 +199,14 @@ impl OnlineStore {
             let deletes = writes.iter().any(|write| write.value.is_empty());
             let command = pipeline.cmd("EVALSHA").arg(&self.sha).arg(1).arg(hash).arg(self.retain).arg(self.ttl_ms);
             command.arg(self.horizon_ms).arg(writes.len()).arg(if deletes { "1" } else { "0" });
-            for write in &writes {
-                command.arg(format!("{:020}", write.version));
+            let versions: Vec<String> = writes.iter().map(|write| format!("{:020}", write.version)).collect();
+            for version in &versions {
+                command.arg(version);
             }
-            for write in writes {
+            for (write, version) in writes.into_iter().zip(versions) {
                 if runs {
                     value.clear();
-                    value.extend_from_slice(format!("{:020}", write.version).as_bytes());
+                    value.extend_from_slice(version.as_bytes());
                     value.extend_from_slice(&write.value);
                     command.arg(format!("r:{}:{}", write.first, write.last)).arg(&value[..]);
                 } else {
@@ -251,13 +257,16 @@ impl OnlineWrites {
         version: u64,
     ) -> Result<(), StreamError> {
         self.name.clear();
-        self.name.extend_from_slice(hash_prefix(&feature.feature.name).as_bytes());
+        write_hash_prefix(&mut self.name, &feature.feature.name);
         records.key_array(&mut self.name, row);
         match feature.window().panes() {
             Some(panes) => {
-                let mut aggregates = Vec::with_capacity(value.len());
+                let mut aggregates = std::mem::take(&mut self.aggregates);
+                aggregates.clear();
                 records.aggregates(&mut aggregates, row);
-                self.write(records.start(row), version, &aggregates, Some(panes.width))
+                let written = self.write(records.start(row), version, &aggregates, Some(panes.width));
+                self.aggregates = aggregates;
+                written
             }
             None => self.write(records.start(row), version, value, None),
         }
@@ -289,18 +298,12 @@ pub fn stored_windows(feature: &CompiledFeature, fields: &HashMap<String, String
             .filter_map(|(name, row)| Some((name.strip_prefix("w:")?.parse().ok()?, serde_json::from_str(row).ok()?)))
             .collect();
     };
-    let mut best: BTreeMap<i64, (&str, &str)> = BTreeMap::new();
-    for (first, last, version, aggregates) in fields.iter().filter_map(|(name, value)| run_of(name, value)) {
-        let mut start = first;
-        while start <= last {
-            if best.get(&start).is_none_or(|(v, _)| version > *v) {
-                best.insert(start, (version, aggregates));
-            }
-            start += panes.width.max(1);
-        }
+    let width = panes.width.max(1);
+    let mut starts = BTreeSet::new();
+    for (first, last, _, _) in fields.iter().filter_map(|(name, value)| run_of(name, value)) {
+        starts.extend((first..=last).step_by(width as usize));
     }
-    let size = panes.width * panes.per_window;
-    best.into_iter().filter_map(|(start, (_, aggregates))| Some((start, run_row(aggregates, start, size)?))).collect()
+    starts.into_iter().filter_map(|start| Some((start, stored_window(feature, fields, start)?))).collect()
 }
 
 /// The row of the window starting at `start` held in a hash's fields, if the hash holds it.

@@ -740,8 +740,14 @@ async fn stream_kafka(file: &Path, feature: &str, brokers: &str, run: KafkaRun) 
         let latency = metrics
             .output_latency_percentiles(&[50.0, 99.0])
             .map_or(String::new(), |q| format!("; produce → output p50 {} ms, p99 {} ms", q[0], q[1]));
+        let cpu = summary.cpu.as_secs_f64();
+        let per_core = if cpu > 0.0 {
+            format!(", {:.0} events per CPU-second", summary.events as f64 / cpu)
+        } else {
+            String::new()
+        };
         println!(
-            "{feature}: sustained {:.0} events/s over {:.2}s of processing{latency}",
+            "{feature}: sustained {:.0} events/s over {:.2}s of processing ({cpu:.2} CPU-s{per_core}){latency}",
             summary.events as f64 / busy,
             busy
         );

@@ -12,6 +12,9 @@
 //! others are. Nothing is dropped silently: the caller sends the reports to the dead-letter
 //! topic.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -20,21 +23,27 @@ use arrow::array::{
 use arrow::compute::kernels::cast_utils::string_to_timestamp_nanos;
 use arrow::datatypes::SchemaRef;
 use lockstep_features::{Source, ValueType};
-use serde_json::Value as Json;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// One decoded value, before it is appended to its column.
-enum Cell {
+/// One decoded value, before it is appended to its column. Strings borrow the message when
+/// they hold no escapes.
+enum Cell<'m> {
     Null,
-    Str(String),
+    Str(Cow<'m, str>),
     Int(i64),
     Float(f64),
     Bool(bool),
 }
 
+/// A field's outcome in one message: its value, or what is wrong with it.
+type Slot<'m> = Option<Result<Cell<'m>, String>>;
+
 /// Decodes JSON messages of one source.
 pub struct JsonDecoder {
     schema: SchemaRef,
     fields: Vec<(String, ValueType)>,
+    /// Field name → position in `fields`.
+    positions: HashMap<Box<str>, usize, foldhash::fast::FixedState>,
     event_time: usize,
 }
 
@@ -52,7 +61,8 @@ impl JsonDecoder {
     /// A decoder for `source`, producing `schema` (the source's declared Arrow schema).
     pub fn new(source: &Source, schema: SchemaRef) -> Self {
         let event_time = source.schema.iter().position(|(name, _)| *name == source.event_time).unwrap_or(0);
-        JsonDecoder { schema, fields: source.schema.clone(), event_time }
+        let positions = source.schema.iter().enumerate().map(|(i, (name, _))| (name.as_str().into(), i)).collect();
+        JsonDecoder { schema, fields: source.schema.clone(), positions, event_time }
     }
 
     /// Decodes `messages` (`None` is a message without a value).
@@ -60,13 +70,12 @@ impl JsonDecoder {
         let mut columns: Vec<Column> = self.fields.iter().map(|(_, t)| Column::new(*t, messages.len())).collect();
         let mut rows = Vec::with_capacity(messages.len());
         let mut errors = Vec::new();
-        let mut cells = Vec::with_capacity(self.fields.len());
+        let mut slots: Vec<Slot<'_>> = Vec::with_capacity(self.fields.len());
         for (index, message) in messages.iter().enumerate() {
-            cells.clear();
-            match self.parse(*message, &mut cells) {
+            match self.parse(*message, &mut slots) {
                 Ok(()) => {
-                    for (column, cell) in columns.iter_mut().zip(cells.drain(..)) {
-                        column.append(cell);
+                    for (column, slot) in columns.iter_mut().zip(slots.drain(..)) {
+                        column.append(slot.and_then(Result::ok).unwrap_or(Cell::Null));
                     }
                     rows.push(index);
                 }
@@ -78,45 +87,240 @@ impl JsonDecoder {
         Decoded { rows: rows_batch, messages: rows, errors }
     }
 
-    fn parse(&self, message: Option<&[u8]>, cells: &mut Vec<Cell>) -> Result<(), String> {
+    /// Reads one message into `slots` (one per schema field). A message that is valid JSON but
+    /// breaks a rule reports the first broken rule in schema order; a syntax error anywhere
+    /// wins over those.
+    fn parse<'m>(&self, message: Option<&'m [u8]>, slots: &mut Vec<Slot<'m>>) -> Result<(), String> {
         let bytes = message.ok_or("the message has no value")?;
-        let json: Json = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
-        let Json::Object(object) = json else {
-            return Err(format!("expected a JSON object, got {}", kind(&json)));
-        };
-        for (i, (name, value_type)) in self.fields.iter().enumerate() {
-            let value = object.get(name).ok_or_else(|| format!("field `{name}` is missing"))?;
-            let cell = cell(value, *value_type).map_err(|e| format!("field `{name}`: {e}"))?;
-            if i == self.event_time && matches!(cell, Cell::Null) {
-                return Err(format!("the event time `{name}` is null"));
+        slots.clear();
+        slots.resize_with(self.fields.len(), || None);
+        let mut reader = serde_json::Deserializer::from_slice(bytes);
+        let shape = reader
+            .deserialize_any(MessageVisitor { decoder: self, slots: &mut *slots })
+            .and_then(|shape| reader.end().map(|()| shape))
+            .map_err(|e| format!("not valid JSON: {e}"))?;
+        shape?;
+        for (i, ((name, _), slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
+            match slot {
+                None => return Err(format!("field `{name}` is missing")),
+                Some(Err(error)) => return Err(format!("field `{name}`: {error}")),
+                Some(Ok(Cell::Null)) if i == self.event_time => return Err(format!("the event time `{name}` is null")),
+                Some(Ok(_)) => {}
             }
-            cells.push(cell);
         }
         Ok(())
     }
 }
 
-fn cell(value: &Json, value_type: ValueType) -> Result<Cell, String> {
-    let wrong = || format!("expected {}, got {}", expected(value_type), kind(value));
-    Ok(match (value_type, value) {
-        (_, Json::Null) => Cell::Null,
-        (ValueType::String, Json::String(s)) => Cell::Str(s.clone()),
-        (ValueType::Int64, Json::Number(n)) => Cell::Int(n.as_i64().ok_or_else(wrong)?),
-        (ValueType::Float64, Json::Number(n)) => Cell::Float(n.as_f64().ok_or_else(wrong)?),
-        (ValueType::Float64, Json::String(s)) => Cell::Float(match s.as_str() {
-            "NaN" => f64::NAN,
-            "Infinity" => f64::INFINITY,
-            "-Infinity" => f64::NEG_INFINITY,
-            _ => return Err(wrong()),
-        }),
-        (ValueType::Bool, Json::Bool(b)) => Cell::Bool(*b),
-        (ValueType::Timestamp, Json::Number(n)) => Cell::Int(n.as_i64().ok_or_else(wrong)?),
-        (ValueType::Timestamp, Json::String(s)) => {
-            let nanos = string_to_timestamp_nanos(s).map_err(|_| format!("`{s}` is not an RFC 3339 time"))?;
-            Cell::Int(nanos.div_euclid(1_000_000))
+/// Reads a message's top level: an object whose fields the schema names go to their slots
+/// (the last of repeated names wins); anything else is consumed and reported.
+struct MessageVisitor<'d, 's, 'm> {
+    decoder: &'d JsonDecoder,
+    slots: &'s mut Vec<Slot<'m>>,
+}
+
+impl<'de> Visitor<'de> for MessageVisitor<'_, '_, 'de> {
+    /// `Err` when the message is valid JSON but not an object.
+    type Value = Result<(), String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while let Some(position) = map.next_key_seed(FieldSeed(self.decoder))? {
+            match position {
+                Some(i) => {
+                    let value_type = self.decoder.fields[i].1;
+                    self.slots[i] = Some(map.next_value_seed(CellSeed(value_type))?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
         }
-        _ => return Err(wrong()),
-    })
+        Ok(Ok(()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(Err(not_an_object(Shape::Array)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::Null)))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::Bool(b))))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::Number(n.into()))))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::Number(n.into()))))
+    }
+
+    fn visit_f64<E>(self, x: f64) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::float(x))))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Err(not_an_object(Shape::Str(s))))
+    }
+}
+
+fn not_an_object(shape: Shape<'_>) -> String {
+    format!("expected a JSON object, got {shape}")
+}
+
+/// A key of the message object → its field's position, `None` for fields the schema does not
+/// name.
+struct FieldSeed<'d>(&'d JsonDecoder);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.positions.get(name).copied())
+    }
+}
+
+/// One field's value, read as its declared type.
+struct CellSeed(ValueType);
+
+impl<'de> DeserializeSeed<'de> for CellSeed {
+    type Value = Result<Cell<'de>, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl CellSeed {
+    fn wrong<'m>(&self, got: Shape<'_>) -> Result<Cell<'m>, String> {
+        Err(format!("expected {}, got {got}", expected(self.0)))
+    }
+
+    fn string<'m>(&self, s: Cow<'m, str>) -> Result<Cell<'m>, String> {
+        match self.0 {
+            ValueType::String => Ok(Cell::Str(s)),
+            ValueType::Float64 => match &*s {
+                "NaN" => Ok(Cell::Float(f64::NAN)),
+                "Infinity" => Ok(Cell::Float(f64::INFINITY)),
+                "-Infinity" => Ok(Cell::Float(f64::NEG_INFINITY)),
+                _ => self.wrong(Shape::Str(&s)),
+            },
+            ValueType::Timestamp => match string_to_timestamp_nanos(&s) {
+                Ok(nanos) => Ok(Cell::Int(nanos.div_euclid(1_000_000))),
+                Err(_) => Err(format!("`{s}` is not an RFC 3339 time")),
+            },
+            _ => self.wrong(Shape::Str(&s)),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for CellSeed {
+    type Value = Result<Cell<'de>, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(expected(self.0))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Ok(Cell::Null))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(match self.0 {
+            ValueType::Bool => Ok(Cell::Bool(b)),
+            _ => self.wrong(Shape::Bool(b)),
+        })
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(match self.0 {
+            ValueType::Int64 | ValueType::Timestamp => Ok(Cell::Int(n)),
+            ValueType::Float64 => Ok(Cell::Float(n as f64)),
+            _ => self.wrong(Shape::Number(n.into())),
+        })
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(match (self.0, i64::try_from(n)) {
+            (ValueType::Int64 | ValueType::Timestamp, Ok(n)) => Ok(Cell::Int(n)),
+            (ValueType::Float64, _) => Ok(Cell::Float(n as f64)),
+            _ => self.wrong(Shape::Number(n.into())),
+        })
+    }
+
+    fn visit_f64<E>(self, x: f64) -> Result<Self::Value, E> {
+        Ok(match self.0 {
+            ValueType::Float64 => Ok(Cell::Float(x)),
+            _ => self.wrong(Shape::float(x)),
+        })
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        Ok(self.string(Cow::Borrowed(s)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(self.string(Cow::Owned(s.to_string())))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(self.wrong(Shape::Array))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_map(map)?;
+        Ok(self.wrong(Shape::Object))
+    }
+}
+
+/// What a JSON value turned out to be, for error messages.
+enum Shape<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(&'a str),
+    Array,
+    Object,
+}
+
+impl Shape<'_> {
+    fn float(x: f64) -> Self {
+        serde_json::Number::from_f64(x).map_or(Shape::Null, Shape::Number)
+    }
+}
+
+impl fmt::Display for Shape<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Shape::Null => f.write_str("null"),
+            Shape::Bool(b) => write!(f, "{b}"),
+            Shape::Number(n) => write!(f, "the number {n}"),
+            Shape::Str(s) => write!(f, "the string {:?}", truncate(s)),
+            Shape::Array => f.write_str("an array"),
+            Shape::Object => f.write_str("an object"),
+        }
+    }
 }
 
 fn expected(value_type: ValueType) -> &'static str {
@@ -126,17 +330,6 @@ fn expected(value_type: ValueType) -> &'static str {
         ValueType::Float64 => "a number",
         ValueType::Bool => "true or false",
         ValueType::Timestamp => "epoch milliseconds or an RFC 3339 string",
-    }
-}
-
-fn kind(value: &Json) -> String {
-    match value {
-        Json::Null => "null".into(),
-        Json::Bool(b) => b.to_string(),
-        Json::Number(n) => format!("the number {n}"),
-        Json::String(s) => format!("the string {:?}", truncate(s)),
-        Json::Array(_) => "an array".into(),
-        Json::Object(_) => "an object".into(),
     }
 }
 
@@ -165,9 +358,9 @@ impl Column {
         }
     }
 
-    fn append(&mut self, cell: Cell) {
+    fn append(&mut self, cell: Cell<'_>) {
         match (self, cell) {
-            (Column::Str(b), Cell::Str(s)) => b.append_value(s),
+            (Column::Str(b), Cell::Str(s)) => b.append_value(&*s),
             (Column::Int(b), Cell::Int(i)) => b.append_value(i),
             (Column::Float(b), Cell::Float(x)) => b.append_value(x),
             (Column::Bool(b), Cell::Bool(x)) => b.append_value(x),
@@ -263,5 +456,36 @@ features:
         assert_eq!(errors[5].1, "field `t`: `yesterday` is not an RFC 3339 time");
         assert_eq!(errors[6].1, "expected a JSON object, got an array");
         assert_eq!(errors[7].1, "the message has no value");
+    }
+
+    #[test]
+    fn escapes_repeated_names_nesting_and_trailing_bytes_follow_json() {
+        let messages: Vec<Option<&[u8]>> = vec![
+            Some(br#"{"id":"a\"b\u00e9","n":1,"x":1,"ok":true,"t":1,"id":"last"}"#),
+            Some(br#"{"id":"a","n":{"deep":[1,{"x":2}]},"x":1,"ok":true,"t":1}"#),
+            Some(br#"{"id":"a","n":1,"x":1,"ok":true,"t":1} trailing"#),
+            Some(br#"{"id":5,"n":1,"x":1,"ok":true,"t":1,"broken":}"#),
+            Some(br#"{"id":"a","n":18446744073709551615,"x":1,"ok":true,"t":1}"#),
+            Some(br#"{"id":"a\"b","n":1,"x":1,"ok":true,"t":1}"#),
+            Some(br#"{"t":1,"ok":false,"x":18446744073709551615,"n":-9223372036854775808,"id":""}"#),
+            Some(br#"  12.5 "#),
+        ];
+        let decoded = decoder().decode(&messages);
+        assert_eq!(decoded.messages, vec![0, 5, 6]);
+        let errors: Vec<(usize, &str)> = decoded.errors.iter().map(|(i, e)| (*i, e.as_str())).collect();
+        assert_eq!(errors[0], (1, "field `n`: expected an integer, got an object"));
+        assert_eq!(errors[1].0, 2);
+        assert!(errors[1].1.starts_with("not valid JSON: trailing characters"), "{errors:?}");
+        // A syntax error wins over the type error before it.
+        assert_eq!(errors[2].0, 3);
+        assert!(errors[2].1.starts_with("not valid JSON"), "{errors:?}");
+        assert_eq!(errors[3], (4, "field `n`: expected an integer, got the number 18446744073709551615"));
+        assert_eq!(errors[4], (7, "expected a JSON object, got the number 12.5"));
+        let ids = decoded.rows.column(0).as_string::<i32>();
+        assert_eq!((ids.value(0), ids.value(1), ids.value(2)), ("last", "a\"b", ""));
+        let n = decoded.rows.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(n.value(2), i64::MIN);
+        let x = decoded.rows.column(2).as_primitive::<Float64Type>();
+        assert_eq!(x.value(2), 18446744073709551615u64 as f64);
     }
 }

@@ -818,23 +818,36 @@ impl Engine {
     /// The changelog records since the last call, as (record key, value); `None` deletes the
     /// record. Empty when the engine does not track changes.
     pub fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let Some(tracking) = self.tracking.as_mut() else { return Vec::new() };
-        let tracking = std::mem::take(tracking);
         let mut out = Vec::new();
+        self.write_changes(|key, value| out.push((key.to_vec(), value.map(<[u8]>::to_vec))));
+        out
+    }
+
+    /// Hands the changelog records since the last call to `sink`, as (record key, value);
+    /// `None` deletes the record. Keys and values are built in two buffers reused for every
+    /// record. Nothing when the engine does not track changes.
+    pub fn write_changes(&mut self, mut sink: impl FnMut(&[u8], Option<&[u8]>)) {
+        let Some(tracking) = self.tracking.as_mut() else { return };
+        let tracking = std::mem::take(tracking);
+        let (mut key, mut value) = (Vec::with_capacity(64), Vec::with_capacity(256));
         if tracking.watermark_moved
             && let Some(max) = self.watermark.max_event_time()
         {
-            out.push((vec![FORMAT, RECORD_WATERMARK], Some([&[FORMAT][..], &max.to_le_bytes()].concat())));
+            value.push(FORMAT);
+            value.extend_from_slice(&max.to_le_bytes());
+            sink(&[FORMAT, RECORD_WATERMARK], Some(&value));
         }
-        for (key, slot) in &tracking.deleted {
+        for (id_key, slot) in &tracking.deleted {
             let kind = if *slot == i64::MIN { RECORD_FIRED_THROUGH } else { RECORD_SLOT };
-            out.push((record_key(kind, key, *slot), None));
+            record_key(&mut key, kind, id_key, *slot);
+            sink(&key, None);
         }
         let mut slots: Vec<(u32, i64)> = tracking.slots.into_iter().collect();
         slots.sort_unstable();
         for (id, slot) in slots {
             let Some(entry) = self.keys[id as usize].as_ref() else { continue };
-            let mut value = vec![FORMAT];
+            value.clear();
+            value.push(FORMAT);
             match &entry.state {
                 KeyState::Panes { panes, .. } => {
                     let Some(states) = panes.get(&slot) else { continue };
@@ -847,21 +860,22 @@ impl Engine {
                     put_states(&session.states, &mut value);
                 }
             }
-            out.push((record_key(RECORD_SLOT, &entry.key, slot), Some(value)));
+            record_key(&mut key, RECORD_SLOT, &entry.key, slot);
+            sink(&key, Some(&value));
         }
         let mut fired: Vec<u32> = tracking.fired_through.into_iter().collect();
         fired.sort_unstable();
         for id in fired {
             let Some(entry) = self.keys[id as usize].as_ref() else { continue };
             if let KeyState::Panes { fired_through: Some(f), .. } = &entry.state {
-                out.push((
-                    record_key(RECORD_FIRED_THROUGH, &entry.key, i64::MIN),
-                    Some([&[FORMAT][..], &f.to_le_bytes()].concat()),
-                ));
+                value.clear();
+                value.push(FORMAT);
+                value.extend_from_slice(&f.to_le_bytes());
+                record_key(&mut key, RECORD_FIRED_THROUGH, &entry.key, i64::MIN);
+                sink(&key, Some(&value));
             }
         }
         self.free.extend(tracking.freed);
-        out
     }
 
     /// Rebuilds state from changelog records (oldest first; a later record replaces an earlier
@@ -920,16 +934,16 @@ impl Engine {
     }
 }
 
-fn record_key(kind: u8, key: &OwnedRow, slot: i64) -> Vec<u8> {
+/// Writes the changelog record key of (`kind`, `key`, `slot`) into `out`, replacing its content.
+fn record_key(out: &mut Vec<u8>, kind: u8, key: &OwnedRow, slot: i64) {
     let row = key.row();
     let bytes = row.as_ref();
-    let mut out = Vec::with_capacity(bytes.len() + 14);
+    out.clear();
     out.push(FORMAT);
     out.push(kind);
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(bytes);
     out.extend_from_slice(&slot.to_le_bytes());
-    out
 }
 
 fn put_states(states: &[Partial], out: &mut Vec<u8>) {

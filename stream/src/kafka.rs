@@ -42,15 +42,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::decode::JsonDecoder;
 use crate::engine::{ChangeKind, Effects, Engine};
 use crate::error::StreamError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, process_cpu};
 use crate::online::{OnlineStore, OnlineWrites};
 use crate::records::{WindowRecords, window_key_of};
 
@@ -214,6 +214,10 @@ pub struct KafkaSummary {
     pub transactions: u64,
     /// Time spent in cycles (reading excluded): events / busy is the sustained throughput.
     pub busy: Duration,
+    /// CPU time of the whole process (every thread: reading, processing, the Kafka client's
+    /// threads, online-store writes) from the first message read to the end of the last cycle:
+    /// events / cpu is the throughput per core.
+    pub cpu: Duration,
 }
 
 enum GroupEvent {
@@ -225,6 +229,8 @@ enum GroupEvent {
 struct GroupContext {
     topic: String,
     events: Mutex<Vec<GroupEvent>>,
+    /// Set while `events` holds events, so a poll without one takes no lock.
+    pending: AtomicBool,
 }
 
 impl ClientContext for GroupContext {}
@@ -234,6 +240,7 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(list) = rebalance {
             let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
             self.events.lock().expect("not poisoned").push(GroupEvent::Revoked(partitions));
+            self.pending.store(true, Ordering::Release);
         }
     }
 
@@ -241,6 +248,7 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Assign(list) = rebalance {
             let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
             self.events.lock().expect("not poisoned").push(GroupEvent::Assigned(partitions));
+            self.pending.store(true, Ordering::Release);
         }
     }
 }
@@ -269,6 +277,8 @@ pub struct Worker {
     writes: Option<OnlineWrites>,
     /// The records of the cycle being built.
     outbox: Outbox,
+    /// An emptied outbox back from a commit, whose buffers the next cycle reuses.
+    spare: Outbox,
     /// The last cycle built, not sent yet.
     prepared: Option<Prepared>,
     metrics: Arc<Metrics>,
@@ -282,6 +292,12 @@ pub struct Worker {
     produced: Vec<i64>,
     /// Most messages the next cycle reads (at most `options.max_batch`).
     batch: usize,
+    /// The messages of the cycle being read; its buffers are kept from cycle to cycle.
+    input: Input,
+    /// The process's CPU time when the first message was read.
+    cpu_started: Option<Duration>,
+    /// How long reading the cycle being built took.
+    reading: Duration,
 }
 
 fn kafka(error: KafkaError) -> StreamError {
@@ -298,7 +314,11 @@ impl Worker {
     ) -> Result<Self, StreamError> {
         let topics = Topics::of(&feature, &options.group)?;
         let (input_partitions, output_partitions) = ensure_topics(&options, &topics)?;
-        let context = GroupContext { topic: topics.input.clone(), events: Mutex::new(Vec::new()) };
+        let context = GroupContext {
+            topic: topics.input.clone(),
+            events: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+        };
         let mut consumer = ClientConfig::new();
         consumer
             .set("client.id", format!("lockstep-{}", options.instance))
@@ -350,6 +370,7 @@ impl Worker {
             writes: online.as_ref().map(|_| OnlineWrites::default()),
             online,
             outbox: Outbox::default(),
+            spare: Outbox::default(),
             prepared: None,
             metrics,
             summary: KafkaSummary::default(),
@@ -358,6 +379,9 @@ impl Worker {
             output_partitions,
             produced: Vec::new(),
             batch,
+            input: Input::default(),
+            cpu_started: None,
+            reading: Duration::ZERO,
         })
     }
 
@@ -375,12 +399,14 @@ impl Worker {
                 lag_checked = Instant::now();
             }
             let assigned_before = self.assignments;
-            let batch = self.poll_batch()?;
+            let reading = Instant::now();
+            self.poll_batch()?;
+            self.reading = reading.elapsed();
             if self.assignments != assigned_before {
                 // A new assignment restarts the idle clock: its partitions may hold a backlog.
                 last_message = Instant::now();
             }
-            if batch.is_empty() {
+            if self.input.is_empty() {
                 if !self.settle()? {
                     continue;
                 }
@@ -401,7 +427,8 @@ impl Worker {
                 continue;
             }
             last_message = Instant::now();
-            self.cycle(batch)?;
+            self.cpu_started.get_or_insert_with(process_cpu);
+            self.cycle()?;
             self.fire_idle_partitions()?;
         }
         self.settle()?;
@@ -450,20 +477,23 @@ impl Worker {
         }
     }
 
-    /// Reads up to `max_batch` messages within `batch_wait`, handling rebalances as they come.
-    fn poll_batch(&mut self) -> Result<Vec<OwnedMessage>, StreamError> {
+    /// Reads up to `max_batch` messages within `batch_wait` into `self.input`, handling
+    /// rebalances as they come.
+    fn poll_batch(&mut self) -> Result<(), StreamError> {
+        self.input.clear();
         let deadline = Instant::now() + self.options.batch_wait;
-        let mut batch: Vec<OwnedMessage> = Vec::new();
-        while batch.len() < self.batch {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let polled = self.consumer.poll(deadline - now).map(|m| m.map(|m| m.detach()));
-            self.handle_group_events(&mut batch)?;
+        let mut wait = self.options.batch_wait;
+        while self.input.len() < self.batch {
+            // Messages already fetched are taken without a wait; the clock is read only when
+            // the queue runs dry (a read per message is measurable).
+            let polled = match self.consumer.poll(Duration::ZERO) {
+                None => self.consumer.poll(wait),
+                some => some,
+            };
+            let got = polled.is_some();
             match polled {
                 None => {}
-                Some(Ok(message)) if self.partitions.contains_key(&message.partition()) => batch.push(message),
+                Some(Ok(message)) if self.partitions.contains_key(&message.partition()) => self.input.push(&message),
                 Some(Ok(_)) => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
@@ -473,12 +503,26 @@ impl Worker {
                     warn!(%error, "consumer error");
                 }
             }
+            self.handle_group_events()?;
+            if !got || self.input.len().is_multiple_of(1024) {
+                wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+            }
         }
-        Ok(batch)
+        Ok(())
     }
 
-    fn handle_group_events(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), StreamError> {
-        let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
+    fn handle_group_events(&mut self) -> Result<(), StreamError> {
+        if !self.consumer.context().pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let events = {
+            let mut events = self.consumer.context().events.lock().expect("not poisoned");
+            self.consumer.context().pending.store(false, Ordering::Release);
+            std::mem::take(&mut *events)
+        };
         if events.is_empty() {
             return Ok(());
         }
@@ -495,7 +539,7 @@ impl Worker {
                     for p in &partitions {
                         self.partitions.remove(p);
                     }
-                    batch.retain(|m| !partitions.contains(&m.partition()));
+                    self.input.drop_partitions(&partitions);
                 }
                 GroupEvent::Assigned(partitions) => {
                     self.assignments += 1;
@@ -516,7 +560,7 @@ impl Worker {
             }
         }
         if dropped {
-            batch.clear();
+            self.input.clear();
             self.rewind()?;
         }
         self.metrics.set_partitions(self.partitions.len());
@@ -581,12 +625,9 @@ impl Worker {
 
     /// Builds the cycle of one micro-batch while the previous one is sent and committed; the
     /// new one is sent and committed during the next cycle (or [`Self::settle`]).
-    fn cycle(&mut self, batch: Vec<OwnedMessage>) -> Result<(), StreamError> {
+    fn cycle(&mut self) -> Result<(), StreamError> {
         let cycle_started = Instant::now();
-        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
-        for message in batch {
-            by_partition.entry(message.partition()).or_default().push(message);
-        }
+        let input = std::mem::take(&mut self.input);
         let previous = self.prepared.take();
         let metadata = match previous {
             Some(_) => Some(self.group_metadata()?),
@@ -595,7 +636,7 @@ impl Worker {
         let producer = Arc::clone(&self.producer);
         let topics = self.topics.clone();
         let mut online = self.online.take();
-        let read = by_partition.values().map(Vec::len).sum();
+        let read = input.len();
         let (computed, committed) = std::thread::scope(|scope| {
             let committing = previous.map(|prepared| {
                 let (producer, topics, online) = (&producer, &topics, online.as_mut());
@@ -605,15 +646,24 @@ impl Worker {
                 })
             });
             let started = Instant::now();
-            let computed = self.process_batch(&by_partition);
+            let computed = self.process_batch(&input);
             let processing = started.elapsed();
             let committed = committing.map(|c| c.join().expect("the commit thread does not panic"));
             if let Some((_, committing)) = &committed {
                 self.batch = next_batch(self.batch, self.options.max_batch, read, processing, *committing);
+                debug!(
+                    read,
+                    reading_ms = self.reading.as_secs_f64() * 1e3,
+                    processing_ms = processing.as_secs_f64() * 1e3,
+                    commit_ms = committing.as_secs_f64() * 1e3,
+                    next = self.batch,
+                    "cycle"
+                );
             }
             (computed, committed.map(|(commit, _)| commit))
         });
         self.online = online;
+        self.input = input;
         if let Some(committed) = committed
             && !self.committed(committed?)?
         {
@@ -622,25 +672,26 @@ impl Worker {
         let offsets = computed?;
         self.prepared = Some(Prepared {
             offsets: Some(offsets),
-            outbox: std::mem::take(&mut self.outbox),
+            outbox: std::mem::replace(&mut self.outbox, std::mem::take(&mut self.spare)),
             writes: self.writes.as_mut().map(std::mem::take).unwrap_or_default(),
             produced: std::mem::take(&mut self.produced),
         });
         self.summary.busy += cycle_started.elapsed();
+        self.book_cpu();
         Ok(())
     }
 
     /// Runs `by_partition` through the engines into the outbox and the online-store writes;
     /// returns the input offsets to commit.
-    fn process_batch(
-        &mut self,
-        by_partition: &BTreeMap<i32, Vec<OwnedMessage>>,
-    ) -> Result<TopicPartitionList, StreamError> {
+    fn process_batch(&mut self, input: &Input) -> Result<TopicPartitionList, StreamError> {
         let mut offsets = TopicPartitionList::new();
-        for (p, messages) in by_partition {
-            self.process_partition(*p, messages)?;
-            let next = messages.last().map_or(0, |m| m.offset() + 1);
-            let last_ms = messages.last().and_then(|m| m.timestamp().to_millis());
+        for (p, messages) in &input.partitions {
+            if messages.is_empty() {
+                continue;
+            }
+            self.process_partition(*p, messages, &input.bytes)?;
+            let next = messages.last().map_or(0, |m| m.offset + 1);
+            let last_ms = messages.last().and_then(|m| m.timestamp);
             self.metrics.set_high_watermark(*p, next, last_ms);
             offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(next)).map_err(kafka)?;
             self.metrics.set_position(*p, next);
@@ -650,6 +701,12 @@ impl Worker {
             }
         }
         Ok(offsets)
+    }
+
+    fn book_cpu(&mut self) {
+        if let Some(started) = self.cpu_started {
+            self.summary.cpu = process_cpu().saturating_sub(started);
+        }
     }
 
     fn group_metadata(&self) -> Result<ConsumerGroupMetadata, StreamError> {
@@ -667,12 +724,14 @@ impl Worker {
         };
         let committed = commit_prepared(&self.producer, &self.topics, metadata, self.online.as_mut(), prepared)?;
         self.summary.busy += started.elapsed();
+        self.book_cpu();
         self.committed(committed)
     }
 
     /// Books a finished commit; an aborted one rewinds (dropping the cycle being built too).
     /// Returns whether it committed.
     fn committed(&mut self, commit: Commit) -> Result<bool, StreamError> {
+        self.spare = commit.outbox;
         if !commit.committed {
             self.rewind()?;
             return Ok(false);
@@ -683,20 +742,20 @@ impl Worker {
         Ok(true)
     }
 
-    fn process_partition(&mut self, p: i32, messages: &[OwnedMessage]) -> Result<(), StreamError> {
-        let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload()).collect();
+    fn process_partition(&mut self, p: i32, messages: &[InputMessage], bytes: &[u8]) -> Result<(), StreamError> {
+        let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload(bytes)).collect();
         let decoded = self.decoder.decode(&payloads);
         for (index, error) in &decoded.errors {
             let message = &messages[*index];
             let headers = OwnedHeaders::new().insert(Header { key: "lockstep.error", value: Some(error.as_str()) });
-            self.outbox.forward(Dest::DeadLetters, message, headers);
+            self.outbox.forward(Dest::DeadLetters, p, message, bytes, headers);
             self.summary.dead_lettered += 1;
             self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
         let now_ms = now_millis();
         let state = self.partitions.get_mut(&p).expect("messages come only from assigned partitions");
         let (stage, passes) = self.evaluator.evaluate(&decoded.rows)?;
-        let seqs: Vec<u64> = decoded.messages.iter().map(|i| messages[*i].offset() as u64).collect();
+        let seqs: Vec<u64> = decoded.messages.iter().map(|i| messages[*i].offset as u64).collect();
         self.metrics.observe_arrivals(&stage, self.feature.layout().time, now_ms);
         let effects = state.engine.process(&stage, &passes, &seqs)?;
         self.summary.events += decoded.rows.num_rows() as u64;
@@ -711,7 +770,7 @@ impl Worker {
                 .insert(Header { key: "lockstep.event_time", value: Some(event_time.as_str()) })
                 .insert(Header { key: "lockstep.watermark", value: Some(watermark.as_str()) })
                 .insert(Header { key: "lockstep.windows", value: Some(windows.as_str()) });
-            self.outbox.forward(Dest::Late, message, headers);
+            self.outbox.forward(Dest::Late, p, message, bytes, headers);
         }
         self.summary.too_late += effects.late.len() as u64;
         self.metrics.too_late.fetch_add(effects.late.len() as u64, Ordering::Relaxed);
@@ -722,8 +781,8 @@ impl Worker {
         emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
         self.summary.windows += effects.changes.len() as u64;
         for change in &effects.changes {
-            let at = messages.partition_point(|m| (m.offset() as u64) < change.seq);
-            if let Some(produced) = messages.get(at).and_then(|m| m.timestamp().to_millis()) {
+            let at = messages.partition_point(|m| (m.offset as u64) < change.seq);
+            if let Some(produced) = messages.get(at).and_then(|m| m.timestamp) {
                 self.produced.push(produced);
             }
         }
@@ -776,7 +835,7 @@ impl Worker {
     fn commit_now(&mut self) -> Result<bool, StreamError> {
         self.prepared = Some(Prepared {
             offsets: None,
-            outbox: std::mem::take(&mut self.outbox),
+            outbox: std::mem::replace(&mut self.outbox, std::mem::take(&mut self.spare)),
             writes: self.writes.as_mut().map(std::mem::take).unwrap_or_default(),
             produced: std::mem::take(&mut self.produced),
         });
@@ -899,9 +958,7 @@ fn emit(
 
 /// Sends the engine's state changes to its changelog partition.
 fn write_changelog(outbox: &mut Outbox, partition: i32, engine: &mut Engine) {
-    for (key, value) in engine.take_changes() {
-        outbox.push(Dest::Changelog(partition), Some(&key), value.as_deref(), None, None);
-    }
+    engine.write_changes(|key, value| outbox.push(Dest::Changelog(partition), Some(key), value, None, None));
 }
 
 /// Where a record of a cycle goes.
@@ -913,6 +970,75 @@ enum Dest {
     DeadLetters,
     /// The changelog topic, this partition.
     Changelog(i32),
+}
+
+/// The messages of one cycle, by partition in offset order. Their keys and values are copied
+/// into one buffer, kept from cycle to cycle, rather than into an allocation per message.
+#[derive(Default)]
+struct Input {
+    bytes: Vec<u8>,
+    partitions: BTreeMap<i32, Vec<InputMessage>>,
+    len: usize,
+}
+
+/// An input message; its key and value are ranges of its [`Input`]'s bytes.
+struct InputMessage {
+    offset: i64,
+    /// The record's timestamp (ms), the produce time unless the topic says otherwise.
+    timestamp: Option<i64>,
+    key: Option<std::ops::Range<usize>>,
+    payload: Option<std::ops::Range<usize>>,
+}
+
+impl Input {
+    fn push(&mut self, message: &BorrowedMessage<'_>) {
+        let mut copy = |part: Option<&[u8]>| {
+            part.map(|bytes| {
+                let start = self.bytes.len();
+                self.bytes.extend_from_slice(bytes);
+                start..self.bytes.len()
+            })
+        };
+        let key = copy(message.key());
+        let payload = copy(message.payload());
+        let input = InputMessage { offset: message.offset(), timestamp: message.timestamp().to_millis(), key, payload };
+        self.partitions.entry(message.partition()).or_default().push(input);
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets the messages of revoked partitions.
+    fn drop_partitions(&mut self, revoked: &[i32]) {
+        for p in revoked {
+            if let Some(messages) = self.partitions.get_mut(p) {
+                self.len -= messages.len();
+                messages.clear();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.partitions.values_mut().for_each(Vec::clear);
+        self.len = 0;
+    }
+}
+
+impl InputMessage {
+    fn key<'b>(&self, bytes: &'b [u8]) -> Option<&'b [u8]> {
+        self.key.clone().map(|range| &bytes[range])
+    }
+
+    fn payload<'b>(&self, bytes: &'b [u8]) -> Option<&'b [u8]> {
+        self.payload.clone().map(|range| &bytes[range])
+    }
 }
 
 /// A record waiting in the [`Outbox`]: its key and payload are ranges of the outbox's bytes.
@@ -953,10 +1079,10 @@ impl Outbox {
 
     /// Queues an input message unchanged (key and value) for `dest`, with `headers` and a
     /// `lockstep.source` header naming its partition and offset (late and dead-letter topics).
-    fn forward(&mut self, dest: Dest, message: &OwnedMessage, headers: OwnedHeaders) {
-        let source = format!("{}/{}", message.partition(), message.offset());
+    fn forward(&mut self, dest: Dest, partition: i32, message: &InputMessage, bytes: &[u8], headers: OwnedHeaders) {
+        let source = format!("{partition}/{}", message.offset);
         let headers = headers.insert(Header { key: "lockstep.source", value: Some(source.as_str()) });
-        self.push(dest, message.key(), message.payload(), Some(headers), None);
+        self.push(dest, message.key(bytes), message.payload(bytes), Some(headers), None);
     }
 
     fn clear(&mut self) {
@@ -1013,6 +1139,8 @@ struct Prepared {
 /// How a commit went.
 struct Commit {
     committed: bool,
+    /// The cycle's outbox, emptied.
+    outbox: Outbox,
     took: Duration,
     produced: Vec<i64>,
     /// When its windows were in the online store (or committed, without one), ms.
@@ -1039,7 +1167,7 @@ fn commit_prepared(
     let mut written_at = None;
     if let Some(online) = online {
         std::thread::scope(|scope| {
-            let sending = scope.spawn(|| producer.flush(timeout));
+            let sending = scope.spawn(|| flush(producer, timeout));
             let written = online.send(writes);
             // A failed send fails the commit, which handles it (abort and rewind).
             if let Ok(Err(error)) = sending.join() {
@@ -1054,17 +1182,34 @@ fn commit_prepared(
     if let (Some(offsets), Some(metadata)) = (&offsets, &metadata) {
         result = producer.send_offsets_to_transaction(offsets, metadata, timeout);
     }
-    let result = result.and_then(|()| producer.commit_transaction(timeout));
+    // Sent first: the client's own flush inside the commit waits in steps of 100 ms.
+    let result = result.and_then(|()| flush(producer, timeout)).and_then(|()| producer.commit_transaction(timeout));
     let took = started.elapsed();
     let written_at = written_at.unwrap_or_else(now_millis);
     match result {
-        Ok(()) => Ok(Commit { committed: true, took, produced, written_at }),
+        Ok(()) => Ok(Commit { committed: true, outbox, took, produced, written_at }),
         Err(KafkaError::Transaction(error)) if error.txn_requires_abort() => {
             warn!(%error, "transaction aborted; rewinding to the last commit");
             producer.abort_transaction(timeout).map_err(kafka)?;
-            Ok(Commit { committed: false, took, produced, written_at })
+            Ok(Commit { committed: false, outbox, took, produced, written_at })
         }
         Err(error) => Err(kafka(error)),
+    }
+}
+
+/// Sends every queued record and waits until the broker has acknowledged them all (or
+/// `timeout`). The client's `flush` polls for delivery reports in steps of up to 100 ms and,
+/// with reports for errors only, sleeps a whole step each time: a fixed 100 ms on every commit,
+/// where this waits on librdkafka's own count of unacknowledged records instead (the producer's
+/// polling thread serves any error reports meanwhile).
+fn flush(producer: &ThreadedProducer<DefaultProducerContext>, timeout: Duration) -> Result<(), KafkaError> {
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: the handle is the producer's own and outlives the call; rd_kafka_flush may be
+    // called from any thread.
+    let code = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), millis) };
+    match RDKafkaErrorCode::from(code) {
+        RDKafkaErrorCode::NoError => Ok(()),
+        error => Err(KafkaError::Flush(error)),
     }
 }
 

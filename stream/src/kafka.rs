@@ -485,25 +485,17 @@ impl Worker {
         let mut wait = self.options.batch_wait;
         while self.input.len() < self.batch {
             // Messages already fetched are taken without a wait; the clock is read only when
-            // the queue runs dry (a read per message is measurable).
-            let polled = match self.consumer.poll(Duration::ZERO) {
-                None => self.consumer.poll(wait),
-                some => some,
-            };
-            let got = polled.is_some();
-            match polled {
-                None => {}
-                Some(Ok(message)) if self.partitions.contains_key(&message.partition()) => self.input.push(&message),
-                Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(error)) => {
-                    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                        return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
-                    }
-                    warn!(%error, "consumer error");
+            // the queue runs dry (a read per message is measurable). A poll that serves a
+            // rebalance returns no message, so its events are handled before the next poll and
+            // every message is judged by the assignment it was fetched under.
+            let mut got = self.poll_one(Duration::ZERO)?;
+            if !got {
+                self.handle_group_events()?;
+                got = self.poll_one(wait)?;
+                if !got {
+                    self.handle_group_events()?;
                 }
             }
-            self.handle_group_events()?;
             if !got || self.input.len().is_multiple_of(1024) {
                 wait = deadline.saturating_duration_since(Instant::now());
                 if wait.is_zero() {
@@ -512,6 +504,27 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Polls once, keeping a message of an assigned partition; returns whether the poll
+    /// returned a message or an error (rather than nothing, or a served rebalance).
+    fn poll_one(&mut self, timeout: Duration) -> Result<bool, StreamError> {
+        match self.consumer.poll(timeout) {
+            None => return Ok(false),
+            Some(Ok(message)) => {
+                if self.partitions.contains_key(&message.partition()) {
+                    self.input.push(&message);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(error)) => {
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+                    return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
+                }
+                warn!(%error, "consumer error");
+            }
+        }
+        Ok(true)
     }
 
     fn handle_group_events(&mut self) -> Result<(), StreamError> {

@@ -474,9 +474,20 @@ async fn two_workers_one_killed_mid_run_give_the_same_output() {
     let group = unique("g");
     let survivor = fixture.job("sessions", &group, "a", &["--no-online", "--max-batch", "300"]);
     let mut victim = fixture.job("sessions", &group, "b", &["--no-online", "--max-batch", "300"]);
-    std::thread::sleep(Duration::from_millis(2_500));
+    // Killed once both have had time to share the partitions (a rebalance takes about a second)
+    // and the group has committed a quarter of the input, so the kill lands mid-run.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let (committed, end) = group_progress(&brokers, &group, &fixture.topic);
+        if started.elapsed() >= Duration::from_millis(1_500) && committed * 4 > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     victim.kill().unwrap();
     victim.wait().unwrap();
+    let (committed, end) = group_progress(&brokers, &group, &fixture.topic);
+    assert!(committed < end, "the kill landed after the input was read ({committed} of {end} committed)");
     let output = survivor.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let got = last_values(&read_topic(&brokers, &fixture.output));

@@ -156,9 +156,14 @@ impl Fixture {
     }
 
     fn job(&self, feature: &str, group: &str, instance: &str, extra: &[&str]) -> Child {
+        self.job_idle(feature, group, instance, "4s", extra)
+    }
+
+    /// A bounded run that ends once its input has been idle for `idle`.
+    fn job_idle(&self, feature: &str, group: &str, instance: &str, idle: &str, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args(["stream", self.definitions.to_str().unwrap(), "--feature", feature, "--brokers", &self.brokers])
-            .args(["--group", group, "--instance", instance, "--until-idle", "4s", "--quiet"])
+            .args(["--group", group, "--instance", instance, "--until-idle", idle, "--quiet"])
             .args(extra)
             .env("LOCKSTEP_LOG", "info")
             .stdout(Stdio::piped())
@@ -492,6 +497,90 @@ async fn two_workers_one_killed_mid_run_give_the_same_output() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let got = last_values(&read_topic(&brokers, &fixture.output));
     assert_same(&got, &fixture.expected("sessions").await, "sessions with a worker killed");
+}
+
+/// The partitions a worker held at the end of its log (its assignments less its revocations).
+fn held_partitions(log: &str) -> BTreeSet<i32> {
+    let mut held = BTreeSet::new();
+    for line in log.lines() {
+        // Without the terminal's colour codes.
+        let mut plain = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| *c == 'm');
+            } else {
+                plain.push(c);
+            }
+        }
+        let assigned = plain.contains("partitions assigned");
+        if !assigned && !plain.contains("partitions revoked") {
+            continue;
+        }
+        let list = plain.split("partitions=[").nth(1).and_then(|rest| rest.split(']').next()).unwrap_or("");
+        for p in list.split(',').filter_map(|p| p.trim().parse::<i32>().ok()) {
+            if assigned {
+                held.insert(p);
+            } else {
+                held.remove(&p);
+            }
+        }
+    }
+    held
+}
+
+/// A worker that read and committed all of its input, then died before its bounded run's last
+/// firing, holds open windows only in its changelog. A worker of the same group must not end its
+/// own run on the committed offsets alone: it waits for those partitions, restores them and
+/// fires their windows. (It joins after the death, so that the dead worker surely held them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_before_its_last_firing_loses_no_window() {
+    let Some(brokers) = brokers() else { return };
+    let fixture = Fixture::new(&brokers, "last-firing", 4, options(20_000, 12), "7h").await;
+    let group = unique("g");
+    // Never idle long enough to fire on its own.
+    let mut victim = fixture.job_idle("sessions", &group, "b", "10m", &["--no-online"]);
+    let started = Instant::now();
+    loop {
+        let (committed, end) = group_progress(&brokers, &group, &fixture.topic);
+        if committed == end {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the group committed {committed} of {end}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    victim.kill().unwrap();
+    let victim_log = String::from_utf8_lossy(&victim.wait_with_output().unwrap().stderr).to_string();
+    let output = fixture.job_idle("sessions", &group, "a", "3s", &["--no-online"]).wait_with_output().unwrap();
+    let survivor_log = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{survivor_log}");
+    // The victim held partitions when it died, and they moved to the survivor.
+    let (lost, survived) = (held_partitions(&victim_log), held_partitions(&survivor_log));
+    assert!(!lost.is_empty(), "the victim held no partition when it died:\n{victim_log}");
+    assert!(
+        lost.is_subset(&survived),
+        "the victim's partitions {lost:?} did not move to the survivor:\n{survivor_log}"
+    );
+    let output_records = read_topic(&brokers, &fixture.output);
+    assert_same(
+        &last_values(&output_records),
+        &fixture.expected("sessions").await,
+        "sessions with a worker killed before its last firing",
+    );
+
+    // The run has ended for good: events that come after it are too late, and a new run in the
+    // same group fires nothing again (whichever worker ended a partition, and whether or not it
+    // is the one that holds it now).
+    let late_topic = format!("{}.late", fixture.topic);
+    let late_before = read_topic(&brokers, &late_topic).len();
+    let text = std::fs::read_to_string(&fixture.jsonl).unwrap();
+    let again: String = text.lines().take(40).map(|line| format!("{line}\n")).collect();
+    fixture.produce_lines(&again);
+    let output = fixture.job_idle("sessions", &group, "c", "2s", &["--no-online"]).wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(read_topic(&brokers, &fixture.output).len(), output_records.len(), "a window fired again");
+    let late = read_topic(&brokers, &late_topic);
+    assert_eq!(late.len() - late_before, 40, "every event after the end is too late");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,11 @@
 //! the committed offsets. If a commit aborts, the cycle built behind it is dropped too and both
 //! are done again.
 //!
+//! A bounded run (`until_idle`) ends partition by partition: a worker fires the open windows of
+//! the partitions it has read to their ends in one last transaction, whose offsets carry
+//! [`FINISHED`], and stops once every input partition of the group carries it. A partition a dead
+//! worker read but never finished is restored and finished by the worker it moves to.
+//!
 //! All transaction calls block, so the worker runs on its own thread, never on an async
 //! executor. The online store is written before each commit with versioned, idempotent writes
 //! (see [`crate::online`]), so a cycle replayed after a crash rewrites the same values.
@@ -257,8 +262,39 @@ struct PartitionState {
     engine: Engine,
     /// When the partition last delivered a message (or was assigned).
     last_message: Instant,
-    /// The offset after the last message processed (0 before any).
+    /// The offset after the last message processed (the committed offset before any).
     next_offset: i64,
+    /// The partition's bounded run has ended: its last firing is committed, its watermark is
+    /// at the end of time (so any later message is too late), and every offset committed for
+    /// it carries [`FINISHED`].
+    ended: bool,
+}
+
+impl PartitionState {
+    /// A partition's state from its restored engine and committed offset. A partition whose run
+    /// ended elsewhere ends here too, its windows not fired again (they were, with the mark).
+    fn new(mut engine: Engine, committed: Committed) -> Result<PartitionState, StreamError> {
+        let next_offset = committed.offset.unwrap_or(0);
+        if committed.finished {
+            engine.finish(next_offset as u64)?;
+        }
+        Ok(PartitionState { engine, last_message: Instant::now(), next_offset, ended: committed.finished })
+    }
+}
+
+/// The metadata of the input offsets of a partition whose bounded run has ended (see
+/// `PartitionState::ended`). A bounded run stops only once every input partition's committed
+/// offset reaches its end with this mark, so the open windows of a worker that died after
+/// reading its input still fire: its partner waits for those partitions, restores them and
+/// fires them itself.
+pub const FINISHED: &str = "lockstep.finished";
+
+/// A partition's committed input offset.
+#[derive(Debug, Clone, Copy, Default)]
+struct Committed {
+    offset: Option<i64>,
+    /// It carries [`FINISHED`].
+    finished: bool,
 }
 
 /// One worker; see the module documentation.
@@ -393,6 +429,7 @@ impl Worker {
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<KafkaSummary, StreamError> {
         let mut last_message = Instant::now();
         let mut lag_checked = Instant::now();
+        let mut waiting = false;
         while !stop.load(Ordering::Relaxed) {
             if lag_checked.elapsed() >= Duration::from_secs(5) {
                 self.refresh_lag();
@@ -413,16 +450,9 @@ impl Worker {
                 self.fire_idle_partitions()?;
                 if let Some(idle) = self.options.until_idle
                     && last_message.elapsed() >= idle
-                    && self.input_consumed().unwrap_or_else(|error| {
-                        // E.g. offsets still unstable behind a dead worker's open transaction.
-                        warn!(%error, "cannot tell yet whether the input is consumed");
-                        false
-                    })
+                    && self.end_of_run(idle, &mut waiting)?
                 {
-                    info!(idle_secs = idle.as_secs_f64(), "input idle: firing every open window and stopping");
-                    if self.finish()? {
-                        return Ok(self.summary);
-                    }
+                    return Ok(self.summary);
                 }
                 continue;
             }
@@ -435,37 +465,72 @@ impl Worker {
         Ok(self.summary)
     }
 
-    /// Whether the group has read every input partition to its end: partitions this worker owns
-    /// by its position, the others by the group's committed offset. A bounded run ends only
-    /// then, so a worker that lost a partner waits for the partner's partitions to move to it.
-    /// An owned partition with no position yet (assigned, nothing fetched since: the partner
-    /// had read and committed all of it) is judged by its committed offset too.
-    fn input_consumed(&self) -> Result<bool, StreamError> {
-        let timeout = Duration::from_secs(10);
+    /// The end of a bounded run, once its input has been idle for `idle`. When this worker's
+    /// partitions are read to their ends, their open windows fire (`finish`); the run ends once
+    /// every input partition of the group is finished so. A partition read and committed by a
+    /// worker that died before its last firing is not: this worker waits until it is assigned
+    /// here (a session timeout), then fires it. Two live workers never wait on each other, as
+    /// each finishes its own partitions first. `waiting` keeps the waiting message to one.
+    fn end_of_run(&mut self, idle: Duration, waiting: &mut bool) -> Result<bool, StreamError> {
+        let ends = match self.input_ends() {
+            Ok(ends) => ends,
+            Err(error) => {
+                warn!(%error, "cannot read the input's ends yet");
+                return Ok(false);
+            }
+        };
         let position = self.consumer.position().map_err(kafka)?;
-        let mut others = TopicPartitionList::new();
-        let mut ends = BTreeMap::new();
-        for p in 0..self.input_partitions {
-            let (_, high) = self.consumer.fetch_watermarks(&self.topics.input, p, timeout).map_err(kafka)?;
-            ends.insert(p, high);
-            let at =
-                position.find_partition(&self.topics.input, p).and_then(|e| e.offset().to_raw()).filter(|at| *at >= 0);
-            if let (true, Some(at)) = (self.partitions.contains_key(&p), at) {
-                if high > 0 && at < high {
-                    return Ok(false);
-                }
-            } else {
-                others.add_partition(&self.topics.input, p);
+        let read = self.partitions.iter().all(|(p, state)| {
+            let at = position.find_partition(&self.topics.input, *p).and_then(|e| e.offset().to_raw()).unwrap_or(-1);
+            // No position yet: assigned and nothing fetched since, judged by its committed offset.
+            at.max(state.next_offset) >= ends[p]
+        });
+        if !read {
+            return Ok(false);
+        }
+        if self.partitions.values().any(|state| !state.ended) {
+            info!(idle_secs = idle.as_secs_f64(), "input idle: firing every open window of this worker's partitions");
+            if !self.finish(&ends)? {
+                return Ok(false);
             }
         }
-        if others.count() == 0 {
+        // Offsets can be unstable for a while behind a dead worker's open transaction.
+        let all: Vec<i32> = ends.keys().copied().collect();
+        let committed = match self.committed_offsets(&all) {
+            Ok(committed) => committed,
+            Err(error) => {
+                warn!(%error, "cannot read the group's committed offsets yet");
+                return Ok(false);
+            }
+        };
+        let unfinished: Vec<i32> = ends
+            .iter()
+            .filter(|(p, end)| {
+                let c = committed.get(p).copied().unwrap_or_default();
+                **end > 0 && !(c.finished && c.offset.is_some_and(|at| at >= **end))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if unfinished.is_empty() {
+            info!("every input partition is finished: stopping");
             return Ok(true);
         }
-        let committed = self.consumer.committed_offsets(others, timeout).map_err(kafka)?;
-        Ok(committed.elements().iter().all(|e| {
-            let high = ends.get(&e.partition()).copied().unwrap_or(0);
-            high == 0 || e.offset().to_raw().is_some_and(|at| at >= high)
-        }))
+        if !*waiting {
+            info!(?unfinished, "waiting for partitions whose last firing is not committed to finish or move here");
+            *waiting = true;
+        }
+        Ok(false)
+    }
+
+    /// The high watermark of every input partition.
+    fn input_ends(&self) -> Result<BTreeMap<i32, i64>, StreamError> {
+        let timeout = Duration::from_secs(10);
+        (0..self.input_partitions)
+            .map(|p| {
+                let (_, high) = self.consumer.fetch_watermarks(&self.topics.input, p, timeout).map_err(kafka)?;
+                Ok((p, high))
+            })
+            .collect()
     }
 
     /// Updates the consumer-lag gauges from the partitions' high watermarks.
@@ -566,8 +631,8 @@ impl Worker {
                             millis = started.elapsed().as_millis() as u64,
                             "state restored"
                         );
-                        self.partitions
-                            .insert(p, PartitionState { engine, last_message: Instant::now(), next_offset: 0 });
+                        let committed = self.committed_offsets(&[p])?.remove(&p).unwrap_or_default();
+                        self.partitions.insert(p, PartitionState::new(engine, committed)?);
                     }
                 }
             }
@@ -706,11 +771,15 @@ impl Worker {
             let next = messages.last().map_or(0, |m| m.offset + 1);
             let last_ms = messages.last().and_then(|m| m.timestamp);
             self.metrics.set_high_watermark(*p, next, last_ms);
-            offsets.add_partition_offset(&self.topics.input, *p, Offset::Offset(next)).map_err(kafka)?;
+            let mut committed = offsets.add_partition(&self.topics.input, *p);
+            committed.set_offset(Offset::Offset(next)).map_err(kafka)?;
             self.metrics.set_position(*p, next);
             if let Some(state) = self.partitions.get_mut(p) {
                 state.last_message = Instant::now();
                 state.next_offset = next;
+                if state.ended {
+                    committed.set_metadata(FINISHED);
+                }
             }
         }
         Ok(offsets)
@@ -840,14 +909,14 @@ impl Worker {
             let state = self.partitions.get_mut(&p).expect("listed above");
             write_changelog(&mut self.outbox, p, &mut state.engine);
         }
-        self.commit_now()?;
+        self.commit_now(None)?;
         Ok(())
     }
 
-    /// Sends and commits the cycle built so far (no input offsets). Returns whether it committed.
-    fn commit_now(&mut self) -> Result<bool, StreamError> {
+    /// Sends and commits the cycle built so far with `offsets`. Returns whether it committed.
+    fn commit_now(&mut self, offsets: Option<TopicPartitionList>) -> Result<bool, StreamError> {
         self.prepared = Some(Prepared {
-            offsets: None,
+            offsets,
             outbox: std::mem::replace(&mut self.outbox, std::mem::take(&mut self.spare)),
             writes: self.writes.as_mut().map(std::mem::take).unwrap_or_default(),
             produced: std::mem::take(&mut self.produced),
@@ -865,42 +934,66 @@ impl Worker {
         }
         self.prepared = None;
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
-        let mut list = TopicPartitionList::new();
-        for p in &partitions {
-            list.add_partition(&self.topics.input, *p);
-        }
-        let committed = self.consumer.committed_offsets(list, Duration::from_secs(60)).map_err(kafka)?;
+        let mut committed = self.committed_offsets(&partitions)?;
         for p in partitions {
             let engine = self.restore(p)?;
-            self.partitions.insert(p, PartitionState { engine, last_message: Instant::now(), next_offset: 0 });
-            let offset = committed
-                .find_partition(&self.topics.input, p)
-                .map(|e| e.offset())
-                .filter(|o| matches!(o, Offset::Offset(_)))
-                .unwrap_or(Offset::Beginning);
+            let committed = committed.remove(&p).unwrap_or_default();
+            self.partitions.insert(p, PartitionState::new(engine, committed)?);
+            let offset = committed.offset.map_or(Offset::Beginning, Offset::Offset);
             self.consumer.seek(&self.topics.input, p, offset, Duration::from_secs(10)).map_err(kafka)?;
         }
         Ok(())
     }
 
-    /// The end of a bounded run: every open window of every assigned partition fires, in one
-    /// last transaction. The state changelog is left as it was, so a restarted run fires the
-    /// same windows with the same values again. Returns whether it committed.
-    fn finish(&mut self) -> Result<bool, StreamError> {
+    /// The group's committed input offsets of `partitions` (none for a partition never committed).
+    fn committed_offsets(&self, partitions: &[i32]) -> Result<BTreeMap<i32, Committed>, StreamError> {
+        let mut list = TopicPartitionList::new();
+        for p in partitions {
+            list.add_partition(&self.topics.input, *p);
+        }
+        let committed = self.consumer.committed_offsets(list, Duration::from_secs(60)).map_err(kafka)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = e.offset().to_raw().filter(|at| *at >= 0);
+                (e.partition(), Committed { offset, finished: offset.is_some() && e.metadata() == FINISHED })
+            })
+            .collect())
+    }
+
+    /// A bounded run's last firing: every open window of every partition of this worker whose
+    /// run has not ended fires, in one transaction with the partitions' offsets marked
+    /// [`FINISHED`]. Returns whether it committed.
+    fn finish(&mut self, ends: &BTreeMap<i32, i64>) -> Result<bool, StreamError> {
         if !self.settle()? {
             return Ok(false);
         }
-        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
-        for p in partitions {
+        let partitions: Vec<i32> = self.partitions.iter().filter(|(_, s)| !s.ended).map(|(p, _)| *p).collect();
+        let mut offsets = TopicPartitionList::new();
+        for &p in &partitions {
             let state = self.partitions.get_mut(&p).expect("listed above");
-            let effects = state.engine.finish(state.next_offset.max(0) as u64)?;
+            // The offset the partition was read to (its end, or past it if more arrived since).
+            state.next_offset = state.next_offset.max(ends.get(&p).copied().unwrap_or(0));
+            let effects = state.engine.finish(state.next_offset as u64)?;
+            let mut marked = offsets.add_partition(&self.topics.input, p);
+            marked.set_offset(Offset::Offset(state.next_offset)).map_err(kafka)?;
+            marked.set_metadata(FINISHED);
             let engine = &self.partitions[&p].engine;
             let online = self.writes.as_mut();
             let output = Dest::Output(p % self.output_partitions);
             emit(&mut self.outbox, output, &self.feature, engine, &effects, online, &self.metrics)?;
             self.summary.windows += effects.changes.len() as u64;
         }
-        self.commit_now()
+        if !self.commit_now(Some(offsets))? {
+            return Ok(false);
+        }
+        for p in partitions {
+            if let Some(state) = self.partitions.get_mut(&p) {
+                state.ended = true;
+            }
+        }
+        Ok(true)
     }
 }
 

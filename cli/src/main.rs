@@ -746,8 +746,17 @@ async fn stream_kafka(file: &Path, feature: &str, brokers: &str, run: KafkaRun) 
         } else {
             String::new()
         };
+        let span = summary.span.as_secs_f64();
+        let end_to_end = if span > 0.0 {
+            format!(
+                "end to end {:.0} events/s over {span:.2}s (first read to last commit); ",
+                summary.events as f64 / span
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{feature}: sustained {:.0} events/s over {:.2}s of processing ({cpu:.2} CPU-s{per_core}){latency}",
+            "{feature}: {end_to_end}sustained {:.0} events/s over {:.2}s of processing ({cpu:.2} CPU-s{per_core}){latency}",
             summary.events as f64 / busy,
             busy
         );

@@ -429,6 +429,31 @@ fn group_progress(brokers: &str, group: &str, topic: &str) -> (i64, i64) {
     (committed.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum(), end)
 }
 
+/// Whether `group` is stable with `members` members, each holding at least one partition.
+fn group_shares_partitions(brokers: &str, group: &str, members: usize) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let Ok(list) = consumer.fetch_group_list(Some(group), Duration::from_secs(10)) else { return false };
+    // A consumer-protocol assignment: version (i16), then topics (i32 count), each a name (i16
+    // length and bytes) and partitions (i32 count and i32 each).
+    let partitions = |bytes: &[u8]| -> usize {
+        let int = |at: usize, n: usize| bytes.get(at..at + n).map(|b| b.iter().fold(0i64, |v, x| v << 8 | *x as i64));
+        let topics = int(2, 4).unwrap_or(0);
+        let (mut at, mut count) = (6, 0);
+        for _ in 0..topics {
+            at += 2 + int(at, 2).unwrap_or(0) as usize;
+            let held = int(at, 4).unwrap_or(0) as usize;
+            count += held;
+            at += 4 + 4 * held;
+        }
+        count
+    };
+    list.groups().iter().any(|g| {
+        g.state() == "Stable"
+            && g.members().len() == members
+            && g.members().iter().all(|m| m.assignment().is_some_and(|a| partitions(a) > 0))
+    })
+}
+
 /// Kills the job with SIGKILL at random moments, `kills_wanted` times, restarting it each time,
 /// then lets a run end on its own. Returns how many kills landed while input was still unread.
 fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, kills_wanted: usize) -> usize {
@@ -479,15 +504,15 @@ async fn two_workers_one_killed_mid_run_give_the_same_output() {
     let group = unique("g");
     let survivor = fixture.job("sessions", &group, "a", &["--no-online", "--max-batch", "300"]);
     let mut victim = fixture.job("sessions", &group, "b", &["--no-online", "--max-batch", "300"]);
-    // Killed once both have had time to share the partitions (a rebalance takes about a second)
-    // and the group has committed a quarter of the input, so the kill lands mid-run.
+    // Killed once both hold partitions and the group has committed a quarter of the input, so
+    // the kill lands mid-run.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         let (committed, end) = group_progress(&brokers, &group, &fixture.topic);
-        if started.elapsed() >= Duration::from_millis(1_500) && committed * 4 > end {
+        if committed * 4 > end && group_shares_partitions(&brokers, &group, 2) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     victim.kill().unwrap();
     victim.wait().unwrap();

@@ -223,6 +223,9 @@ pub struct KafkaSummary {
     /// threads, online-store writes) from the first message read to the end of the last cycle:
     /// events / cpu is the throughput per core.
     pub cpu: Duration,
+    /// From the first message read to the commit of the last one read before the input went
+    /// idle (zero if it never did): events / span is the end-to-end rate, waits included.
+    pub span: Duration,
 }
 
 enum GroupEvent {
@@ -332,6 +335,8 @@ pub struct Worker {
     input: Input,
     /// The process's CPU time when the first message was read.
     cpu_started: Option<Duration>,
+    /// When the first message was read.
+    first_read: Option<Instant>,
     /// How long reading the cycle being built took.
     reading: Duration,
 }
@@ -362,7 +367,12 @@ impl Worker {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", (options.session_timeout.as_millis() / 6).max(100).to_string())
-            .set("max.poll.interval.ms", "300000");
+            .set("max.poll.interval.ms", "300000")
+            // Once its queue holds `queued.min.messages`, the client waits this long before it
+            // fetches again (1 s by default): a worker that drains 100,000 messages in less would
+            // sit idle for the rest of it. Measured: a 1M-message backlog drained in 7.8 s with
+            // the default and 3.3 s with 20 ms, at the same CPU time.
+            .set("fetch.queue.backoff.ms", "20");
         let consumer: BaseConsumer<GroupContext> = options
             .client(consumer, false)
             .set("group.id", &options.group)
@@ -417,6 +427,7 @@ impl Worker {
             batch,
             input: Input::default(),
             cpu_started: None,
+            first_read: None,
             reading: Duration::ZERO,
         })
     }
@@ -444,8 +455,12 @@ impl Worker {
                 last_message = Instant::now();
             }
             if self.input.is_empty() {
+                let pending = self.prepared.is_some();
                 if !self.settle()? {
                     continue;
+                }
+                if let (true, Some(first)) = (pending, self.first_read) {
+                    self.summary.span = first.elapsed();
                 }
                 self.fire_idle_partitions()?;
                 if let Some(idle) = self.options.until_idle
@@ -458,6 +473,7 @@ impl Worker {
             }
             last_message = Instant::now();
             self.cpu_started.get_or_insert_with(process_cpu);
+            self.first_read.get_or_insert_with(Instant::now);
             self.cycle()?;
             self.fire_idle_partitions()?;
         }
@@ -632,7 +648,10 @@ impl Worker {
                             "state restored"
                         );
                         let committed = self.committed_offsets(&[p])?.remove(&p).unwrap_or_default();
-                        self.partitions.insert(p, PartitionState::new(engine, committed)?);
+                        let state = PartitionState::new(engine, committed)?;
+                        // The partition's gauges exist from its assignment, before any message.
+                        self.metrics.set_position(p, state.next_offset);
+                        self.partitions.insert(p, state);
                     }
                 }
             }

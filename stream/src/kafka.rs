@@ -965,20 +965,39 @@ impl Worker {
     }
 
     /// The group's committed input offsets of `partitions` (none for a partition never committed).
+    /// A partition whose offset comes back with an error of its own (say, unstable behind a dead
+    /// worker's open transaction) is asked again for up to a minute: an unknown offset must not
+    /// read as "never committed", which would process the partition again from its beginning.
     fn committed_offsets(&self, partitions: &[i32]) -> Result<BTreeMap<i32, Committed>, StreamError> {
-        let mut list = TopicPartitionList::new();
-        for p in partitions {
-            list.add_partition(&self.topics.input, *p);
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut list = TopicPartitionList::new();
+            for p in partitions {
+                list.add_partition(&self.topics.input, *p);
+            }
+            let committed = self.consumer.committed_offsets(list, Duration::from_secs(60)).map_err(kafka)?;
+            let failed = committed.elements().iter().find_map(|e| e.error().err().map(|error| (e.partition(), error)));
+            match failed {
+                Some((p, error)) if Instant::now() < give_up => {
+                    debug!(partition = p, %error, "committed offset not available yet; asking again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Some((p, error)) => {
+                    return Err(StreamError::Kafka(format!("the committed offset of input partition {p}: {error}")));
+                }
+                None => {
+                    return Ok(committed
+                        .elements()
+                        .iter()
+                        .map(|e| {
+                            let offset = e.offset().to_raw().filter(|at| *at >= 0);
+                            let finished = offset.is_some() && e.metadata() == FINISHED;
+                            (e.partition(), Committed { offset, finished })
+                        })
+                        .collect());
+                }
+            }
         }
-        let committed = self.consumer.committed_offsets(list, Duration::from_secs(60)).map_err(kafka)?;
-        Ok(committed
-            .elements()
-            .iter()
-            .map(|e| {
-                let offset = e.offset().to_raw().filter(|at| *at >= 0);
-                (e.partition(), Committed { offset, finished: offset.is_some() && e.metadata() == FINISHED })
-            })
-            .collect())
     }
 
     /// A bounded run's last firing: every open window of every partition of this worker whose

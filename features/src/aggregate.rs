@@ -427,6 +427,11 @@ impl Sliding {
         }
     }
 
+    /// Min, max, first or last: panes must enter and leave in order.
+    pub fn is_monotonic(&self) -> bool {
+        matches!(self, Sliding::Monotonic(_))
+    }
+
     /// Pane `pane` enters at the back.
     pub fn push(&mut self, function: Function, pane: i64, state: &Partial) {
         match self {

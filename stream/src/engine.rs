@@ -138,9 +138,11 @@ enum Shape {
     Sessions { gap: i64 },
 }
 
-/// Moves a key's slider to the window starting at pane `start` (`per` panes): panes before it
-/// leave and panes up to its last enter. Without a slider, or one not behind `start`, a new
-/// one is merged from the key's panes `held`.
+/// Moves a key's slider to the window starting at pane `start` (`per` panes): panes outside it
+/// leave and panes inside it enter. Forward, the slider's FIFO order holds for every aggregate.
+/// Backward (late refires start at earlier windows), invertible aggregates move the same way and
+/// min/max/first/last are merged again from the panes. Without a slider, or one with no pane in
+/// common, a new one is merged from the key's panes `held`.
 fn slide_to<'a>(
     slider: &'a mut Option<Slider>,
     held: &BTreeMap<i64, Vec<Partial>>,
@@ -148,7 +150,7 @@ fn slide_to<'a>(
     start: i64,
     per: i64,
 ) -> &'a mut Slider {
-    if slider.as_ref().is_none_or(|s| s.cursor >= start) {
+    if slider.as_ref().is_none_or(|s| s.cursor.abs_diff(start) >= per as u64) {
         let mut window: Vec<Sliding> = specs.iter().map(Sliding::new).collect();
         for (p, states) in held.range(start..=start.saturating_add(per - 1)) {
             for (i, sliding) in window.iter_mut().enumerate() {
@@ -157,27 +159,80 @@ fn slide_to<'a>(
         }
         return slider.insert(Slider { window, cursor: start, emitted: None });
     }
-    let s = slider.as_mut().expect("a slider behind the window");
+    let s = slider.as_mut().expect("a slider near the window");
+    let last = start.saturating_add(per - 1);
     let old_last = s.cursor.saturating_add(per - 1);
+    let (leaving, entering) = if s.cursor <= start {
+        (s.cursor..start, old_last.saturating_add(1)..last.saturating_add(1))
+    } else {
+        (last.saturating_add(1)..old_last.saturating_add(1), start..s.cursor)
+    };
+    let backward = s.cursor > start;
     let mut changed = false;
-    for (p, states) in held.range(s.cursor..start.min(old_last.saturating_add(1))) {
+    for (p, states) in held.range(leaving) {
         for (i, sliding) in s.window.iter_mut().enumerate() {
-            sliding.pop(*p, &states[i]);
+            if !(backward && sliding.is_monotonic()) {
+                sliding.pop(*p, &states[i]);
+            }
         }
         changed = true;
     }
-    let from = start.max(old_last.saturating_add(1));
-    for (p, states) in held.range(from..=start.saturating_add(per - 1)) {
+    for (p, states) in held.range(entering) {
         for (i, sliding) in s.window.iter_mut().enumerate() {
-            sliding.push(specs[i].function, *p, &states[i]);
+            if !(backward && sliding.is_monotonic()) {
+                sliding.push(specs[i].function, *p, &states[i]);
+            }
         }
         changed = true;
+    }
+    if backward && changed {
+        remerge_monotonic(s, held, specs, start, per);
     }
     s.cursor = start;
     if changed {
         s.emitted = None;
     }
     s
+}
+
+/// Merges the slider's min/max/first/last again from the panes of the window at pane `start`
+/// (their deques only take panes in order).
+fn remerge_monotonic(
+    s: &mut Slider,
+    held: &BTreeMap<i64, Vec<Partial>>,
+    specs: &[AggregateSpec],
+    start: i64,
+    per: i64,
+) {
+    for (i, sliding) in s.window.iter_mut().enumerate() {
+        if sliding.is_monotonic() {
+            *sliding = Sliding::new(&specs[i]);
+            for (p, states) in held.range(start..=start.saturating_add(per - 1)) {
+                sliding.push(specs[i].function, *p, &states[i]);
+            }
+        }
+    }
+}
+
+/// Pane `pane` of the slider's window changed from `before` to its state in `held` (a late
+/// event): invertible aggregates take the difference, min/max/first/last are merged again.
+fn refresh_pane(
+    s: &mut Slider,
+    held: &BTreeMap<i64, Vec<Partial>>,
+    specs: &[AggregateSpec],
+    pane: i64,
+    before: &[Partial],
+    per: i64,
+) {
+    let after = &held[&pane];
+    for (i, sliding) in s.window.iter_mut().enumerate() {
+        if !sliding.is_monotonic() {
+            sliding.pop(pane, &before[i]);
+            sliding.push(specs[i].function, pane, &after[i]);
+        }
+    }
+    remerge_monotonic(s, held, specs, s.cursor, per);
+    s.emitted = None;
 }
 
 /// Changelog record kinds (the second byte of a record key).
@@ -468,9 +523,13 @@ impl Engine {
                     unreachable!("pane engine holds pane state")
                 };
                 let states = held.entry(pane).or_insert_with(|| self.specs.iter().map(Partial::empty).collect());
+                // A pane inside the slider's window changes only with a late event: the slider
+                // takes the change rather than being merged again.
+                let in_slider = slider.as_ref().is_some_and(|s| pane >= s.cursor && pane < s.cursor + panes.per_window);
+                let before = in_slider.then(|| states.clone());
                 columns.apply(&self.specs, states, row, time);
-                if slider.as_ref().is_some_and(|s| pane >= s.cursor && pane < s.cursor + panes.per_window) {
-                    *slider = None;
+                if let (Some(before), Some(s)) = (before, slider.as_mut()) {
+                    refresh_pane(s, held, &self.specs, pane, &before, panes.per_window);
                 }
                 if let Some(t) = self.tracking.as_mut() {
                     t.slots.insert((id, pane));

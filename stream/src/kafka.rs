@@ -638,6 +638,7 @@ impl Worker {
                 GroupEvent::Assigned(partitions) => {
                     self.assignments += 1;
                     info!(?partitions, "partitions assigned; restoring their state");
+                    let mut committed = self.committed_offsets(&partitions)?;
                     for p in partitions {
                         let started = Instant::now();
                         let engine = self.restore(p)?;
@@ -647,8 +648,7 @@ impl Worker {
                             millis = started.elapsed().as_millis() as u64,
                             "state restored"
                         );
-                        let committed = self.committed_offsets(&[p])?.remove(&p).unwrap_or_default();
-                        let state = PartitionState::new(engine, committed)?;
+                        let state = PartitionState::new(engine, committed.remove(&p).unwrap_or_default())?;
                         // The partition's gauges exist from its assignment, before any message.
                         self.metrics.set_position(p, state.next_offset);
                         self.partitions.insert(p, state);

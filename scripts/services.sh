@@ -11,7 +11,11 @@
 #             REDIS_URL=redis://127.0.0.1:<port>
 #           Every other message goes to stderr, so `eval "$(scripts/services.sh start)"` works
 #           (add `export` yourself, or use `set -a`).
-#   stop    stop both (SIGTERM by pid, wait, SIGKILL after a timeout). Data is kept for the next start.
+#           Kafka starts from empty storage each time it is not already running: it holds only test
+#           topics, and a broker that must first load thousands of old test partitions takes minutes
+#           to answer. A running broker whose data has grown past KAFKA_MAX_PARTITIONS partitions is
+#           restarted empty for the same reason. Set LOCKSTEP_KEEP_KAFKA_DATA=1 to keep the data.
+#   stop    stop both (SIGTERM by pid, wait, SIGKILL after a timeout).
 #   status  print each service's state; exit 1 if one is down.
 #   env     print the two lines above (without checking anything).
 #   check   smoke test against the running services: redis SET/GET, and a Kafka transactional
@@ -27,6 +31,8 @@
 #   LOCKSTEP_CACHE=$HOME/.cache/lockstep   jars go to $LOCKSTEP_CACHE/kafka/<version>/libs
 #   LOCKSTEP_RUN=/tmp/lockstep-services    pid files, logs, configs, Kafka data
 #   KAFKA_START_TIMEOUT=90, REDIS_START_TIMEOUT=20 (seconds)
+#   KAFKA_MAX_PARTITIONS=2000      partitions a running broker may hold before `start` empties it
+#   LOCKSTEP_KEEP_KAFKA_DATA=      1: `start` keeps the broker's data
 # Everything binds to 127.0.0.1 only.
 set -euo pipefail
 
@@ -38,6 +44,8 @@ KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
 REDIS_PORT="${REDIS_PORT:-16379}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 REDIS_START_TIMEOUT="${REDIS_START_TIMEOUT:-20}"
+KAFKA_MAX_PARTITIONS="${KAFKA_MAX_PARTITIONS:-2000}"
+KEEP_KAFKA_DATA="${LOCKSTEP_KEEP_KAFKA_DATA:-}"
 HOST=127.0.0.1
 
 CACHE_ROOT="${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}"
@@ -261,19 +269,39 @@ kafka_ready() {
     --bootstrap-server "$HOST:$KAFKA_PORT" --list >/dev/null 2>&1
 }
 
+# Number of partition directories in the broker's data (each topic partition is one).
+kafka_partitions() {
+  find "$KAFKA_DATA" -mindepth 1 -maxdepth 1 -type d -name '*-[0-9]*' 2>/dev/null | wc -l
+}
+
+# Empties the broker's storage (it is formatted again before the start), unless asked to keep it.
+empty_kafka_data() {
+  [[ -z "$KEEP_KAFKA_DATA" ]] || return 0
+  [[ -d "$KAFKA_DATA" ]] || return 0
+  log "kafka: emptying $KAFKA_DATA ($(kafka_partitions) partitions of earlier runs; LOCKSTEP_KEEP_KAFKA_DATA=1 keeps them)"
+  rm -rf "$KAFKA_DATA"
+}
+
 start_kafka() {
-  local pid
+  local pid partitions
   if pid="$(live_pid "$KAFKA_PID" "$KAFKA_MARK")"; then
-    log "kafka: already running (pid $pid) on $HOST:$KAFKA_PORT"
-    # Still make sure it answers (it may have been started a moment ago by another caller).
-    wait_kafka "$pid"
-    return 0
+    partitions="$(kafka_partitions)"
+    if [[ -z "$KEEP_KAFKA_DATA" ]] && (( partitions > KAFKA_MAX_PARTITIONS )); then
+      log "kafka: running (pid $pid) with $partitions partitions, more than KAFKA_MAX_PARTITIONS=$KAFKA_MAX_PARTITIONS: restarting it empty"
+      stop_kafka
+    else
+      log "kafka: already running (pid $pid) on $HOST:$KAFKA_PORT"
+      # Still make sure it answers (it may have been started a moment ago by another caller).
+      wait_kafka "$pid"
+      return 0
+    fi
   fi
   rm -f "$KAFKA_PID"
   port_open "$KAFKA_PORT" && die "port $HOST:$KAFKA_PORT is taken by another process (not our Kafka); set KAFKA_PORT"
   port_open "$KAFKA_CONTROLLER_PORT" && die "port $HOST:$KAFKA_CONTROLLER_PORT is taken by another process; set KAFKA_CONTROLLER_PORT"
   check_java
   fetch_kafka
+  empty_kafka_data
   write_kafka_config
   format_kafka_storage
   log "kafka: starting Kafka $KAFKA_VERSION on $HOST:$KAFKA_PORT (controller $HOST:$KAFKA_CONTROLLER_PORT), log $KAFKA_LOG"

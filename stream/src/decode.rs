@@ -27,6 +27,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 
 /// One decoded value, before it is appended to its column. Strings borrow the message when
 /// they hold no escapes.
+#[derive(Debug)]
 enum Cell<'m> {
     Null,
     Str(Cow<'m, str>),
@@ -92,14 +93,9 @@ impl JsonDecoder {
     /// wins over those.
     fn parse<'m>(&self, message: Option<&'m [u8]>, slots: &mut Vec<Slot<'m>>) -> Result<(), String> {
         let bytes = message.ok_or("the message has no value")?;
-        slots.clear();
-        slots.resize_with(self.fields.len(), || None);
-        let mut reader = serde_json::Deserializer::from_slice(bytes);
-        let shape = reader
-            .deserialize_any(MessageVisitor { decoder: self, slots: &mut *slots })
-            .and_then(|shape| reader.end().map(|()| shape))
-            .map_err(|e| format!("not valid JSON: {e}"))?;
-        shape?;
+        if self.parse_flat(bytes, slots).is_none() {
+            self.parse_full(bytes, slots)?;
+        }
         for (i, ((name, _), slot)) in self.fields.iter().zip(slots.iter()).enumerate() {
             match slot {
                 None => return Err(format!("field `{name}` is missing")),
@@ -109,6 +105,208 @@ impl JsonDecoder {
             }
         }
         Ok(())
+    }
+}
+
+impl JsonDecoder {
+    /// Reads a message with serde_json into `slots`: the reference reading, used for every
+    /// message [`JsonDecoder::parse_flat`] leaves. `Err` is a syntax error or a message that is
+    /// not an object.
+    fn parse_full<'m>(&self, bytes: &'m [u8], slots: &mut Vec<Slot<'m>>) -> Result<(), String> {
+        slots.clear();
+        slots.resize_with(self.fields.len(), || None);
+        let mut reader = serde_json::Deserializer::from_slice(bytes);
+        reader
+            .deserialize_any(MessageVisitor { decoder: self, slots: &mut *slots })
+            .and_then(|shape| reader.end().map(|()| shape))
+            .map_err(|e| format!("not valid JSON: {e}"))?
+    }
+
+    /// Reads the common message, a flat object of scalars whose names and strings hold no
+    /// escapes, in one pass over its bytes, with the outcome [`JsonDecoder::parse_full`] would
+    /// give. `None` for any other message (nested values, escapes, syntax errors, numbers JSON
+    /// readers treat specially: integers beyond 64 bits, `-0`, floats out of range): those are
+    /// read again by `parse_full`. Values go through the same [`CellSeed`] rules either way.
+    fn parse_flat<'m>(&self, bytes: &'m [u8], slots: &mut Vec<Slot<'m>>) -> Option<()> {
+        slots.clear();
+        slots.resize_with(self.fields.len(), || None);
+        // One UTF-8 check for the whole message; quotes and escapes are ASCII, so every string
+        // found below starts and ends on a character boundary.
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut scan = Scan { text, bytes, at: 0 };
+        scan.skip_space();
+        scan.expect(b'{')?;
+        scan.skip_space();
+        // Messages mostly list their fields in schema order: try the next one before hashing.
+        let mut next_field = 0;
+        if !scan.eat(b'}') {
+            loop {
+                let name = scan.string()?;
+                scan.skip_space();
+                scan.expect(b':')?;
+                scan.skip_space();
+                let position = match self.fields.get(next_field) {
+                    Some((expected, _)) if expected == name => Some(next_field),
+                    _ => self.positions.get(name).copied(),
+                };
+                let scalar = scan.scalar()?;
+                if let Some(i) = position {
+                    slots[i] = Some(scalar.cell(CellSeed(self.fields[i].1)));
+                    next_field = i + 1;
+                }
+                scan.skip_space();
+                if scan.eat(b',') {
+                    scan.skip_space();
+                } else {
+                    scan.expect(b'}')?;
+                    break;
+                }
+            }
+        }
+        scan.skip_space();
+        (scan.at == bytes.len()).then_some(())
+    }
+}
+
+/// A JSON scalar as serde_json reads it: integers that fit 64 bits stay integers.
+enum Scalar<'m> {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(&'m str),
+}
+
+impl<'m> Scalar<'m> {
+    /// The cell this value makes of a field of `seed`'s type (the visitor call serde_json makes).
+    fn cell(self, seed: CellSeed) -> Result<Cell<'m>, String> {
+        // The common pairs directly; the rest through the visitor.
+        match (seed.0, &self) {
+            (ValueType::String, Scalar::Str(s)) => return Ok(Cell::Str(Cow::Borrowed(s))),
+            (ValueType::Float64, Scalar::F64(x)) => return Ok(Cell::Float(*x)),
+            (ValueType::Int64 | ValueType::Timestamp, Scalar::U64(n)) if *n <= i64::MAX as u64 => {
+                return Ok(Cell::Int(*n as i64));
+            }
+            (_, Scalar::Null) => return Ok(Cell::Null),
+            _ => {}
+        }
+        let visited: Result<_, serde_json::Error> = match self {
+            Scalar::Null => seed.visit_unit(),
+            Scalar::Bool(b) => seed.visit_bool(b),
+            Scalar::U64(n) => seed.visit_u64(n),
+            Scalar::I64(n) => seed.visit_i64(n),
+            Scalar::F64(x) => seed.visit_f64(x),
+            Scalar::Str(s) => seed.visit_borrowed_str(s),
+        };
+        visited.unwrap_or_else(|e| Err(e.to_string()))
+    }
+}
+
+/// A cursor over a message's bytes for [`JsonDecoder::parse_flat`]; every method returns `None`
+/// where the message leaves the flat form.
+struct Scan<'m> {
+    text: &'m str,
+    bytes: &'m [u8],
+    at: usize,
+}
+
+impl<'m> Scan<'m> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn skip_space(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> bool {
+        let here = self.peek() == Some(byte);
+        self.at += usize::from(here);
+        here
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        self.eat(byte).then_some(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.at + word.len();
+        (self.bytes.get(self.at..end)? == word).then(|| self.at = end)
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'m str> {
+        self.expect(b'"')?;
+        let start = self.at;
+        let length = self.bytes[start..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        self.at = start + length;
+        self.expect(b'"')?;
+        self.text.get(start..start + length)
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    fn scalar(&mut self) -> Option<Scalar<'m>> {
+        match self.peek()? {
+            b'"' => self.string().map(Scalar::Str),
+            b'n' => self.literal(b"null").map(|()| Scalar::Null),
+            b't' => self.literal(b"true").map(|()| Scalar::Bool(true)),
+            b'f' => self.literal(b"false").map(|()| Scalar::Bool(false)),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    /// A number in JSON's grammar. Integers: `u64` when positive, `i64` when negative (as
+    /// serde_json; `-0` and integers beyond 64 bits are left to it). Others: the correctly
+    /// rounded double, finite.
+    fn number(&mut self) -> Option<Scalar<'m>> {
+        let start = self.at;
+        let negative = self.eat(b'-');
+        let int_start = self.at;
+        let int_digits = self.digits();
+        if int_digits == 0 || (int_digits > 1 && self.bytes[int_start] == b'0') {
+            return None;
+        }
+        let mut integer = true;
+        if self.eat(b'.') {
+            integer = false;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            integer = false;
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if !integer {
+            let x: f64 = self.text.get(start..self.at)?.parse().ok()?;
+            return x.is_finite().then_some(Scalar::F64(x));
+        }
+        let mut magnitude: u64 = 0;
+        for &digit in &self.bytes[int_start..self.at] {
+            magnitude = magnitude.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
+        }
+        match (negative, magnitude) {
+            (false, _) => Some(Scalar::U64(magnitude)),
+            (true, 1..=0x8000_0000_0000_0000) => Some(Scalar::I64((magnitude as i64).wrapping_neg())),
+            (true, _) => None,
+        }
     }
 }
 
@@ -391,6 +589,7 @@ mod tests {
     use arrow::datatypes::{Float64Type, TimestampMillisecondType};
     use lockstep_features::compile::source_schema;
     use lockstep_features::definitions::Definitions;
+    use proptest::prelude::*;
 
     fn decoder() -> JsonDecoder {
         let text = r#"
@@ -487,5 +686,174 @@ features:
         assert_eq!(n.value(2), i64::MIN);
         let x = decoded.rows.column(2).as_primitive::<Float64Type>();
         assert_eq!(x.value(2), 18446744073709551615u64 as f64);
+    }
+
+    /// A cell as a comparable text: floats by their bits.
+    fn show(slot: &Slot<'_>) -> String {
+        match slot {
+            Some(Ok(Cell::Float(x))) => format!("float {:#x}", x.to_bits()),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Values awkward for a JSON reader: each is tried in every field by the tests below.
+    const AWKWARD: &[&str] = &[
+        "null",
+        "true",
+        "false",
+        "nul",
+        "-0",
+        "-0.0",
+        "0",
+        "00",
+        "01",
+        "-01",
+        "1.",
+        ".5",
+        "+1",
+        "1e",
+        "1e+",
+        "-",
+        "1E5",
+        "1e-5",
+        "2.5E+3",
+        "0e0",
+        "-0e-0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775807",
+        "9223372036854775808",
+        "-9223372036854775808",
+        "-9223372036854775809",
+        "-18446744073709551615",
+        "-18446744073709551616",
+        "99999999999999999999999",
+        "1e308",
+        "1.8e308",
+        "1e400",
+        "-1e400",
+        "1e-400",
+        "4.9e-324",
+        "2.5e-324",
+        "0.1000000000000000055511151231257827",
+        "9007199254740993",
+        "\"NaN\"",
+        "\"Infinity\"",
+        "\"-Infinity\"",
+        "\"1970-01-01T00:00:02.5Z\"",
+        "\"yesterday\"",
+        "\"\"",
+        "\"a\\\"b\"",
+        "\"\\u00e9\"",
+        "\"é ü\"",
+        "\"tab\there\"",
+        "[1,2]",
+        "{\"a\":1}",
+        "[]",
+        "{}",
+        "\"5\"",
+        "\"true\"",
+    ];
+
+    fn value_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            3 => any::<f64>().prop_map(|x| format!("{x:?}")),
+            1 => any::<f64>().prop_map(|x| format!("{x:e}")),
+            1 => (-400i32..400, 0u64..1_000_000).prop_map(|(e, m)| format!("{m}e{e}")),
+            1 => (0usize..40, 0u64..100).prop_map(|(n, m)| format!("-0.{}{m}", "0".repeat(n))),
+            2 => "[a-z0-9 é]{0,8}".prop_map(|s| format!("\"{s}\"")),
+            2 => prop::sample::select(AWKWARD).prop_map(str::to_string),
+        ]
+    }
+
+    /// Awkward values go through both readings in every field, alone and after a valid field.
+    #[test]
+    fn awkward_values_read_the_same_in_every_field() {
+        let decoder = decoder();
+        let mut flat_reads = 0;
+        for value in AWKWARD {
+            for name in ["id", "n", "x", "ok", "t", "other"] {
+                for message in [format!("{{\"{name}\":{value}}}"), format!("{{\"id\":\"a\", \"{name}\" : {value} }}")] {
+                    let (mut flat, mut full) = (Vec::new(), Vec::new());
+                    let full_ok = decoder.parse_full(message.as_bytes(), &mut full).is_ok();
+                    if decoder.parse_flat(message.as_bytes(), &mut flat).is_some() {
+                        flat_reads += 1;
+                        assert!(full_ok, "serde_json refuses {message}");
+                        let (flat, full): (Vec<String>, Vec<String>) =
+                            (flat.iter().map(show).collect(), full.iter().map(show).collect());
+                        assert_eq!(flat, full, "{message}");
+                    }
+                }
+            }
+        }
+        assert!(flat_reads > 300, "only {flat_reads} messages took the flat reading");
+    }
+
+    fn message_text() -> impl Strategy<Value = String> {
+        let name = prop::sample::select(vec!["id", "n", "x", "ok", "t", "other", "i\\u0064", "t "]);
+        let space = prop::sample::select(vec!["", "", "", " ", "\n\t", "\r "]);
+        let field = (name, space.clone(), value_text(), space.clone())
+            .prop_map(|(name, s1, value, s2)| format!("{s1}\"{name}\"{s2}:{s1}{value}{s2}"));
+        let tail = prop::sample::select(vec!["", "", "", " ", "\n", "x", ",", "}"]);
+        (space, prop::collection::vec(field, 0..8), tail)
+            .prop_map(|(space, fields, tail)| format!("{space}{{{}}}{space}{tail}", fields.join(",")))
+    }
+
+    /// A message with every field, well typed, in a random order, as producers write them.
+    fn good_message() -> impl Strategy<Value = String> {
+        (
+            "[a-z0-9_]{0,12}",
+            any::<i64>(),
+            any::<f64>().prop_filter("finite", |x| x.is_finite()),
+            any::<bool>(),
+            any::<u32>(),
+            Just(vec![0, 1, 2, 3, 4]).prop_shuffle(),
+        )
+            .prop_map(|(id, n, x, ok, t, order)| {
+                let fields = [
+                    format!("\"id\":\"{id}\""),
+                    format!("\"n\":{n}"),
+                    format!("\"x\":{x:?}"),
+                    format!("\"ok\":{ok}"),
+                    format!("\"t\":{t}"),
+                ];
+                let parts: Vec<&str> = order.iter().map(|&i| fields[i].as_str()).collect();
+                format!("{{{}}}", parts.join(","))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The one-pass reading either leaves a message to serde_json or reads exactly what
+        /// serde_json reads: same cells (floats to the bit), same per-field errors.
+        #[test]
+        fn the_flat_reading_agrees_with_serde_json(message in message_text()) {
+            let decoder = decoder();
+            let mut flat = Vec::new();
+            let mut full = Vec::new();
+            let bytes = message.as_bytes();
+            if decoder.parse_flat(bytes, &mut flat).is_some() {
+                prop_assert!(decoder.parse_full(bytes, &mut full).is_ok(), "serde_json refuses {message:?}");
+                let flat: Vec<String> = flat.iter().map(show).collect();
+                let full: Vec<String> = full.iter().map(show).collect();
+                prop_assert_eq!(flat, full, "{}", message);
+            }
+        }
+
+        /// Producers' messages never need the second reading.
+        #[test]
+        fn well_formed_messages_take_the_flat_reading(message in good_message()) {
+            let decoder = decoder();
+            let mut flat = Vec::new();
+            let mut full = Vec::new();
+            prop_assert!(decoder.parse_flat(message.as_bytes(), &mut flat).is_some(), "{}", message);
+            decoder.parse_full(message.as_bytes(), &mut full).unwrap();
+            let flat: Vec<String> = flat.iter().map(show).collect();
+            let full: Vec<String> = full.iter().map(show).collect();
+            prop_assert_eq!(flat, full, "{}", message);
+        }
     }
 }

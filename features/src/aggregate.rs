@@ -18,7 +18,10 @@
 //! leaves; min/max/first/last keep a monotonic deque of pane extremes, so each pane enters and
 //! leaves once and a window costs O(1) amortized, whatever `size / every` is.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 
 use crate::exact::ExactSum;
 use crate::value::{ArgColumn, Output, Value, ValueType};
@@ -221,7 +224,10 @@ impl Partial {
                 }
             }
             Partial::Distinct(values) => {
-                values.entry(arg.value(row).for_distinct()).or_insert(1);
+                let value = arg.value_ref(row).for_distinct();
+                if let EntryRef::Vacant(vacant) = values.entry_ref(&value) {
+                    vacant.insert_with_key(Value::from(&value), 1);
+                }
             }
         }
     }
@@ -261,12 +267,7 @@ impl Partial {
             (Partial::Distinct(values), Partial::Distinct(other)) => {
                 for (value, count) in other {
                     // Clone a value only when it is new to this state.
-                    match values.get_mut(value) {
-                        Some(held) => *held += count,
-                        None => {
-                            values.insert(value.clone(), *count);
-                        }
-                    }
+                    values.entry_ref(value).and_modify(|held| *held += count).or_insert(*count);
                 }
             }
             _ => {}
@@ -293,10 +294,10 @@ impl Partial {
             }
             (Partial::Distinct(values), Partial::Distinct(other)) => {
                 for (value, count) in other {
-                    if let Some(held) = values.get_mut(value) {
-                        *held -= count;
-                        if *held == 0 {
-                            values.remove(value);
+                    if let EntryRef::Occupied(mut held) = values.entry_ref(value) {
+                        *held.get_mut() -= count;
+                        if *held.get() == 0 {
+                            held.remove();
                         }
                     }
                 }

@@ -103,15 +103,7 @@ pub enum Value {
 impl Value {
     /// A float value with NaN made canonical, so its bits do not depend on which NaN arrived.
     pub fn float(x: f64) -> Self {
-        Value::Float(if x.is_nan() { f64::NAN } else { x })
-    }
-
-    /// The value as `count(distinct ...)` compares it: also −0.0 counts as +0.0.
-    pub fn for_distinct(self) -> Self {
-        match self {
-            Value::Float(0.0) => Value::Float(0.0),
-            other => other,
-        }
+        Value::Float(canonical(x))
     }
 }
 
@@ -153,7 +145,7 @@ impl PartialOrd for Value {
 
 impl PartialEq for Value {
     fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
+        self.as_ref() == other.as_ref()
     }
 }
 
@@ -161,13 +153,91 @@ impl Eq for Value {}
 
 impl Hash for Value {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.rank().hash(state);
-        match self {
-            Value::Bool(b) => b.hash(state),
-            Value::Int(i) | Value::Time(i) => i.hash(state),
-            Value::Float(x) => x.to_bits().hash(state),
-            Value::Str(s) => s.hash(state),
+        self.as_ref().hash(state);
+    }
+}
+
+impl From<&ValueRef<'_>> for Value {
+    fn from(value: &ValueRef<'_>) -> Self {
+        match *value {
+            ValueRef::Bool(b) => Value::Bool(b),
+            ValueRef::Int(i) => Value::Int(i),
+            ValueRef::Float(x) => Value::float(x),
+            ValueRef::Str(s) => Value::Str(s.into()),
+            ValueRef::Time(t) => Value::Time(t),
         }
+    }
+}
+
+impl Value {
+    /// The value borrowed: equal and hashed alike, so sets of values can be probed without an
+    /// owned copy.
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Bool(b) => ValueRef::Bool(*b),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(x) => ValueRef::Float(*x),
+            Value::Str(s) => ValueRef::Str(s),
+            Value::Time(t) => ValueRef::Time(*t),
+        }
+    }
+}
+
+/// `x` with NaN made canonical.
+fn canonical(x: f64) -> f64 {
+    if x.is_nan() { f64::NAN } else { x }
+}
+
+/// A [`Value`] borrowed from a column or a value; equality and hashing are `Value`'s (floats by
+/// bits, every NaN one value).
+#[derive(Debug, Clone, Copy)]
+pub enum ValueRef<'a> {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Time(i64),
+}
+
+impl ValueRef<'_> {
+    /// The value as `count(distinct ...)` compares it: also −0.0 counts as +0.0.
+    pub fn for_distinct(self) -> Self {
+        match self {
+            ValueRef::Float(0.0) => ValueRef::Float(0.0),
+            other => other,
+        }
+    }
+}
+
+impl PartialEq for ValueRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ValueRef::Bool(a), ValueRef::Bool(b)) => a == b,
+            (ValueRef::Int(a), ValueRef::Int(b)) | (ValueRef::Time(a), ValueRef::Time(b)) => a == b,
+            (ValueRef::Float(a), ValueRef::Float(b)) => (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits(),
+            (ValueRef::Str(a), ValueRef::Str(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ValueRef<'_> {}
+
+impl Hash for ValueRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            ValueRef::Bool(b) => (0u8, b).hash(state),
+            ValueRef::Int(i) => (1u8, i).hash(state),
+            ValueRef::Float(x) => (2u8, canonical(*x).to_bits()).hash(state),
+            ValueRef::Str(s) => (3u8, s).hash(state),
+            ValueRef::Time(t) => (4u8, t).hash(state),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<Value> for ValueRef<'_> {
+    fn equivalent(&self, key: &Value) -> bool {
+        *self == key.as_ref()
     }
 }
 
@@ -208,12 +278,17 @@ impl<'a> ArgColumn<'a> {
 
     /// The value at a non-null row.
     pub fn value(&self, row: usize) -> Value {
+        Value::from(&self.value_ref(row))
+    }
+
+    /// The value at a non-null row, borrowed from the column.
+    pub fn value_ref(&self, row: usize) -> ValueRef<'a> {
         match self {
-            ArgColumn::Bool(a) => Value::Bool(a.value(row)),
-            ArgColumn::Int(a) => Value::Int(a.value(row)),
-            ArgColumn::Float(a) => Value::float(a.value(row)),
-            ArgColumn::Str(a) => Value::Str(a.value(row).into()),
-            ArgColumn::Time(a) => Value::Time(a.value(row)),
+            ArgColumn::Bool(a) => ValueRef::Bool(a.value(row)),
+            ArgColumn::Int(a) => ValueRef::Int(a.value(row)),
+            ArgColumn::Float(a) => ValueRef::Float(canonical(a.value(row))),
+            ArgColumn::Str(a) => ValueRef::Str(a.value(row)),
+            ArgColumn::Time(a) => ValueRef::Time(a.value(row)),
         }
     }
 
@@ -447,8 +522,30 @@ mod tests {
                 f64::NAN.to_bits()
             ]
         );
-        assert_eq!(Value::float(-0.0).for_distinct(), Value::float(0.0));
+        assert_eq!(ValueRef::Float(-0.0).for_distinct(), ValueRef::Float(0.0));
+        assert_ne!(ValueRef::Float(-0.0), ValueRef::Float(0.0));
         assert_eq!(Value::float(f64::from_bits(0x7ff8_0000_0000_0001)), Value::float(f64::NAN));
+    }
+
+    #[test]
+    fn borrowed_values_hash_and_compare_as_owned_ones() {
+        use std::hash::BuildHasher;
+        let state = foldhash::fast::FixedState::default();
+        let odd_nan = f64::from_bits(0x7ff8_0000_0000_0001);
+        let floats = Float64Array::from(vec![odd_nan, -0.0, 2.5]);
+        let strings = StringArray::from(vec!["", "m00085", "é"]);
+        let (floats, strings): (ArrayRef, ArrayRef) = (Arc::new(floats), Arc::new(strings));
+        for column in [&floats, &strings] {
+            let column = ArgColumn::new(column).unwrap();
+            for row in 0..3 {
+                let (owned, borrowed) = (column.value(row), column.value_ref(row));
+                assert_eq!(owned.as_ref(), borrowed);
+                assert_eq!(state.hash_one(&owned), state.hash_one(borrowed));
+                assert!(hashbrown::Equivalent::equivalent(&borrowed, &owned));
+            }
+        }
+        assert_eq!(ArgColumn::new(&floats).unwrap().value(0), Value::Float(f64::NAN));
+        assert_ne!(Value::Int(1), Value::Time(1));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use arrow::array::{
     Int64Builder, PrimitiveBuilder, StringArray, StringBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, TimeUnit};
+use compact_str::CompactString;
 
 use crate::aggregate::ValueSink;
 
@@ -96,7 +97,8 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(Box<str>),
+    /// Inline up to 24 bytes: distinct sets compare and copy short strings without a pointer.
+    Str(CompactString),
     Time(i64),
 }
 

@@ -129,7 +129,7 @@ impl JsonDecoder {
     /// escapes, in one pass over its bytes, with the outcome [`JsonDecoder::parse_full`] would
     /// give. `None` for any other message (nested values, escapes, syntax errors, numbers JSON
     /// readers treat specially: integers beyond 64 bits, `-0`, floats out of range): those are
-    /// read again by `parse_full`. Values are typed by [`CellSeed`]'s rules (see [`Scalar::cell`]).
+    /// read again by `parse_full`. Both readings type values with [`CellSeed::scalar`].
     fn parse_flat<'m>(&self, bytes: &'m [u8], slots: &mut Vec<Slot<'m>>) -> Option<()> {
         slots.clear();
         slots.resize_with(self.fields.len(), || None);
@@ -154,7 +154,7 @@ impl JsonDecoder {
                 };
                 let scalar = scan.scalar()?;
                 if let Some(i) = position {
-                    slots[i] = Some(scalar.cell(CellSeed(self.fields[i].1)));
+                    slots[i] = Some(CellSeed(self.fields[i].1).scalar(scalar));
                     next_field = i + 1;
                 }
                 scan.skip_space();
@@ -179,32 +179,6 @@ enum Scalar<'m> {
     I64(i64),
     F64(f64),
     Str(&'m str),
-}
-
-impl<'m> Scalar<'m> {
-    /// The cell this value makes of a field of `seed`'s type (the visitor call serde_json makes).
-    fn cell(self, seed: CellSeed) -> Result<Cell<'m>, String> {
-        // The common pairs directly, as the visitor below would; the tests hold the two readings
-        // equal on every pair.
-        match (seed.0, &self) {
-            (ValueType::String, Scalar::Str(s)) => return Ok(Cell::Str(Cow::Borrowed(s))),
-            (ValueType::Float64, Scalar::F64(x)) => return Ok(Cell::Float(*x)),
-            (ValueType::Int64 | ValueType::Timestamp, Scalar::U64(n)) if *n <= i64::MAX as u64 => {
-                return Ok(Cell::Int(*n as i64));
-            }
-            (_, Scalar::Null) => return Ok(Cell::Null),
-            _ => {}
-        }
-        let visited: Result<_, serde_json::Error> = match self {
-            Scalar::Null => seed.visit_unit(),
-            Scalar::Bool(b) => seed.visit_bool(b),
-            Scalar::U64(n) => seed.visit_u64(n),
-            Scalar::I64(n) => seed.visit_i64(n),
-            Scalar::F64(x) => seed.visit_f64(x),
-            Scalar::Str(s) => seed.visit_borrowed_str(s),
-        };
-        visited.unwrap_or_else(|e| Err(e.to_string()))
-    }
 }
 
 /// A cursor over a message's bytes for [`JsonDecoder::parse_flat`]; every method returns `None`
@@ -414,6 +388,29 @@ impl<'de> DeserializeSeed<'de> for CellSeed {
 }
 
 impl CellSeed {
+    /// The cell a scalar makes of a field of this type: the typing rules of both readings.
+    /// Inlined: it runs for every field of every message.
+    #[inline(always)]
+    fn scalar<'m>(&self, value: Scalar<'m>) -> Result<Cell<'m>, String> {
+        match (self.0, value) {
+            (_, Scalar::Null) => Ok(Cell::Null),
+            (ValueType::Bool, Scalar::Bool(b)) => Ok(Cell::Bool(b)),
+            (_, Scalar::Bool(b)) => self.wrong(Shape::Bool(b)),
+            (ValueType::Int64 | ValueType::Timestamp, Scalar::I64(n)) => Ok(Cell::Int(n)),
+            (ValueType::Float64, Scalar::I64(n)) => Ok(Cell::Float(n as f64)),
+            (_, Scalar::I64(n)) => self.wrong(Shape::Number(n.into())),
+            (ValueType::Int64 | ValueType::Timestamp, Scalar::U64(n)) if n <= i64::MAX as u64 => {
+                Ok(Cell::Int(n as i64))
+            }
+            (ValueType::Float64, Scalar::U64(n)) => Ok(Cell::Float(n as f64)),
+            (_, Scalar::U64(n)) => self.wrong(Shape::Number(n.into())),
+            (ValueType::Float64, Scalar::F64(x)) => Ok(Cell::Float(x)),
+            (_, Scalar::F64(x)) => self.wrong(Shape::float(x)),
+            (_, Scalar::Str(s)) => self.string(Cow::Borrowed(s)),
+        }
+    }
+
+    #[cold]
     fn wrong<'m>(&self, got: Shape<'_>) -> Result<Cell<'m>, String> {
         Err(format!("expected {}, got {got}", expected(self.0)))
     }
@@ -444,41 +441,27 @@ impl<'de> Visitor<'de> for CellSeed {
     }
 
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Ok(Cell::Null))
+        Ok(self.scalar(Scalar::Null))
     }
 
     fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
-        Ok(match self.0 {
-            ValueType::Bool => Ok(Cell::Bool(b)),
-            _ => self.wrong(Shape::Bool(b)),
-        })
+        Ok(self.scalar(Scalar::Bool(b)))
     }
 
     fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
-        Ok(match self.0 {
-            ValueType::Int64 | ValueType::Timestamp => Ok(Cell::Int(n)),
-            ValueType::Float64 => Ok(Cell::Float(n as f64)),
-            _ => self.wrong(Shape::Number(n.into())),
-        })
+        Ok(self.scalar(Scalar::I64(n)))
     }
 
     fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
-        Ok(match (self.0, i64::try_from(n)) {
-            (ValueType::Int64 | ValueType::Timestamp, Ok(n)) => Ok(Cell::Int(n)),
-            (ValueType::Float64, _) => Ok(Cell::Float(n as f64)),
-            _ => self.wrong(Shape::Number(n.into())),
-        })
+        Ok(self.scalar(Scalar::U64(n)))
     }
 
     fn visit_f64<E>(self, x: f64) -> Result<Self::Value, E> {
-        Ok(match self.0 {
-            ValueType::Float64 => Ok(Cell::Float(x)),
-            _ => self.wrong(Shape::float(x)),
-        })
+        Ok(self.scalar(Scalar::F64(x)))
     }
 
     fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
-        Ok(self.string(Cow::Borrowed(s)))
+        Ok(self.scalar(Scalar::Str(s)))
     }
 
     fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {

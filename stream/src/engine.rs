@@ -522,7 +522,11 @@ impl Engine {
                 let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else {
                     unreachable!("pane engine holds pane state")
                 };
-                let states = held.entry(pane).or_insert_with(|| self.specs.iter().map(Partial::empty).collect());
+                let mut created = false;
+                let states = held.entry(pane).or_insert_with(|| {
+                    created = true;
+                    self.specs.iter().map(Partial::empty).collect()
+                });
                 // A pane inside the slider's window changes only with a late event: the slider
                 // takes the change rather than being merged again.
                 let in_slider = slider.as_ref().is_some_and(|s| pane >= s.cursor && pane < s.cursor + panes.per_window);
@@ -549,7 +553,14 @@ impl Engine {
                 for start in refire {
                     self.emit_sliding(id, start, ChangeKind::Refire, seq)?;
                 }
-                self.reschedule(id);
+                // The key's timer depends on which panes it holds, `fired_through` and the
+                // slider: an event into a pane it already held, refiring nothing and too late
+                // for nothing, changes none of them.
+                if created || done.is_some() {
+                    self.reschedule(id);
+                } else {
+                    debug_assert_eq!(self.keys[id as usize].as_ref().and_then(|e| e.timer), self.due(id));
+                }
             }
             Shape::Sessions { gap } => {
                 if session_too_late(watermark, time, gap, self.lateness) {
@@ -843,32 +854,9 @@ impl Engine {
         }
     }
 
-    /// Sets the key's timer: its next window end, or the time its oldest state is released.
+    /// Sets the key's timer to [`Engine::due`].
     fn reschedule(&mut self, id: u32) {
-        let next = match self.shape {
-            Shape::Panes(panes) => {
-                let fire = self.next_window(id, &panes).map(|s| panes.window_end(s));
-                let Some(entry) = self.keys[id as usize].as_ref() else { return };
-                let KeyState::Panes { panes: held, slider, .. } = &entry.state else { unreachable!() };
-                let limit = if fire.is_some() { slider.as_ref().map_or(i64::MAX, |s| s.cursor) } else { i64::MAX };
-                let release = held
-                    .first_key_value()
-                    .filter(|(p, _)| **p < limit)
-                    .map(|(p, _)| panes.window_end(*p).saturating_add(self.lateness));
-                [fire, release].into_iter().flatten().min()
-            }
-            Shape::Sessions { gap } => {
-                let Some(entry) = self.keys[id as usize].as_ref() else { return };
-                let KeyState::Sessions(sessions) = &entry.state else { unreachable!() };
-                sessions
-                    .values()
-                    .map(|s| {
-                        let end = s.last.saturating_add(gap);
-                        if s.fired { end.saturating_add(gap).saturating_add(self.lateness) } else { end }
-                    })
-                    .min()
-            }
-        };
+        let next = self.due(id);
         let Some(entry) = self.keys[id as usize].as_mut() else { return };
         if entry.timer == next {
             return;
@@ -879,6 +867,35 @@ impl Engine {
         if let Some(time) = next {
             self.timers.insert((time, id));
             entry.timer = Some(time);
+        }
+    }
+
+    /// When the key's timer is due: its next window end, or the time its oldest state is
+    /// released (`None` for a key not live).
+    fn due(&self, id: u32) -> Option<i64> {
+        match self.shape {
+            Shape::Panes(panes) => {
+                let fire = self.next_window(id, &panes).map(|s| panes.window_end(s));
+                let entry = self.keys[id as usize].as_ref()?;
+                let KeyState::Panes { panes: held, slider, .. } = &entry.state else { unreachable!() };
+                let limit = if fire.is_some() { slider.as_ref().map_or(i64::MAX, |s| s.cursor) } else { i64::MAX };
+                let release = held
+                    .first_key_value()
+                    .filter(|(p, _)| **p < limit)
+                    .map(|(p, _)| panes.window_end(*p).saturating_add(self.lateness));
+                [fire, release].into_iter().flatten().min()
+            }
+            Shape::Sessions { gap } => {
+                let entry = self.keys[id as usize].as_ref()?;
+                let KeyState::Sessions(sessions) = &entry.state else { unreachable!() };
+                sessions
+                    .values()
+                    .map(|s| {
+                        let end = s.last.saturating_add(gap);
+                        if s.fired { end.saturating_add(gap).saturating_add(self.lateness) } else { end }
+                    })
+                    .min()
+            }
         }
     }
 

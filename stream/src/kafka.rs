@@ -47,7 +47,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
@@ -55,12 +55,16 @@ use tracing::{debug, info, warn};
 use crate::decode::JsonDecoder;
 use crate::engine::{ChangeKind, Effects, Engine};
 use crate::error::StreamError;
+use crate::fetch::{FetchQueue, FetchTarget};
 use crate::metrics::{Metrics, process_cpu};
 use crate::online::{OnlineStore, OnlineWrites};
 use crate::records::{WindowRecords, window_key_of};
 
 /// Messages in a worker's first cycles, before their size adapts.
 pub const FIRST_BATCH: usize = 5_000;
+
+/// Most messages one read of the fetch queue takes.
+const FETCH_CHUNK: usize = 4096;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -239,16 +243,26 @@ struct GroupContext {
     events: Mutex<Vec<GroupEvent>>,
     /// Set while `events` holds events, so a poll without one takes no lock.
     pending: AtomicBool,
+    /// Assigned partitions' messages go to the worker's fetch queue.
+    fetch: FetchTarget,
 }
 
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
-            self.events.lock().expect("not poisoned").push(GroupEvent::Revoked(partitions));
-            self.pending.store(true, Ordering::Release);
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let partitions = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+                self.events.lock().expect("not poisoned").push(GroupEvent::Revoked(partitions));
+                self.pending.store(true, Ordering::Release);
+            }
+            // Before the assignment takes effect, so no message is fetched before (see `fetch`).
+            Rebalance::Assign(list) => {
+                let partitions: Vec<i32> = list.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+                self.fetch.forward(consumer, &self.topic, &partitions);
+            }
+            Rebalance::Error(_) => {}
         }
     }
 
@@ -305,6 +319,8 @@ pub struct Worker {
     feature: CompiledFeature,
     options: KafkaOptions,
     topics: Topics,
+    /// The input's messages, read in batches. Declared before `consumer`, so dropped first.
+    fetch: FetchQueue,
     consumer: BaseConsumer<GroupContext>,
     producer: Arc<ThreadedProducer<DefaultProducerContext>>,
     decoder: JsonDecoder,
@@ -359,7 +375,9 @@ impl Worker {
             topic: topics.input.clone(),
             events: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            fetch: FetchTarget::default(),
         };
+        let target = context.fetch.clone();
         let mut consumer = ClientConfig::new();
         consumer
             .set("client.id", format!("lockstep-{}", options.instance))
@@ -401,6 +419,7 @@ impl Worker {
             .map_err(kafka)?;
         // Aborts whatever this worker's previous run left open, and fences it.
         producer.init_transactions(Duration::from_secs(60)).map_err(kafka)?;
+        let fetch = FetchQueue::new(&consumer, &target, FETCH_CHUNK).map_err(StreamError::Kafka)?;
         consumer.subscribe(&[&topics.input]).map_err(kafka)?;
         info!(group = %options.group, %transactional_id, input = %topics.input, "worker started");
         let batch = options.max_batch.clamp(1, FIRST_BATCH);
@@ -410,6 +429,7 @@ impl Worker {
             feature,
             options,
             topics,
+            fetch,
             consumer,
             producer: Arc::new(producer),
             partitions: BTreeMap::new(),
@@ -563,49 +583,84 @@ impl Worker {
     fn poll_batch(&mut self) -> Result<(), StreamError> {
         self.input.clear();
         let deadline = Instant::now() + self.options.batch_wait;
-        let mut wait = self.options.batch_wait;
-        while self.input.len() < self.batch {
+        loop {
+            // The consumer queue holds the group's events (and messages of partitions added
+            // after the start, see `fetch`). Its rebalances are handled before the next read,
+            // so every message is judged by the assignment it was fetched under.
+            while self.poll_one()? {}
+            self.handle_group_events()?;
+            let room = self.batch.saturating_sub(self.input.len());
+            if room == 0 {
+                break;
+            }
             // Messages already fetched are taken without a wait; the clock is read only when
-            // the queue runs dry (a read per message is measurable). A poll that serves a
-            // rebalance returns no message, so its events are handled before the next poll and
-            // every message is judged by the assignment it was fetched under.
-            let mut got = self.poll_one(Duration::ZERO)?;
-            if !got {
-                self.handle_group_events()?;
-                got = self.poll_one(wait)?;
-                if !got {
-                    self.handle_group_events()?;
-                }
+            // the queue runs dry.
+            if self.read_fetched(Duration::ZERO, room)? > 0 {
+                continue;
             }
-            if !got || self.input.len().is_multiple_of(1024) {
-                wait = deadline.saturating_duration_since(Instant::now());
-                if wait.is_zero() {
-                    break;
-                }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                break;
             }
+            // Waits for the whole room, or until the deadline.
+            self.read_fetched(wait, room)?;
         }
         Ok(())
     }
 
-    /// Polls once, keeping a message of an assigned partition; returns whether the poll
-    /// returned a message or an error (rather than nothing, or a served rebalance).
-    fn poll_one(&mut self, timeout: Duration) -> Result<bool, StreamError> {
-        match self.consumer.poll(timeout) {
+    /// Reads up to `most` messages from the fetch queue, waiting up to `timeout`, keeping those of
+    /// assigned partitions. Returns how many were read.
+    fn read_fetched(&mut self, timeout: Duration, most: usize) -> Result<usize, StreamError> {
+        let (input, partitions) = (&mut self.input, &self.partitions);
+        let mut failed = Vec::new();
+        let read = self.fetch.read(timeout, most, |message| match message.error() {
+            None => {
+                if partitions.contains_key(&message.partition()) {
+                    input.push(
+                        message.partition(),
+                        message.offset(),
+                        message.timestamp(),
+                        message.key(),
+                        message.payload(),
+                    );
+                }
+            }
+            Some(code) => failed.push(code),
+        });
+        for code in failed {
+            if code != RDKafkaErrorCode::PartitionEOF {
+                self.consumer_error(KafkaError::MessageConsumption(code))?;
+            }
+        }
+        Ok(read)
+    }
+
+    /// Polls the consumer queue once without waiting, keeping a message of an assigned
+    /// partition; returns whether the poll returned a message or an error (rather than
+    /// nothing, or a served rebalance).
+    fn poll_one(&mut self) -> Result<bool, StreamError> {
+        match self.consumer.poll(Duration::ZERO) {
             None => return Ok(false),
             Some(Ok(message)) => {
                 if self.partitions.contains_key(&message.partition()) {
-                    self.input.push(&message);
+                    let timestamp = message.timestamp().to_millis();
+                    let (p, offset) = (message.partition(), message.offset());
+                    self.input.push(p, offset, timestamp, message.key(), message.payload());
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(error)) => {
-                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-                    return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
-                }
-                warn!(%error, "consumer error");
-            }
+            Some(Err(error)) => self.consumer_error(error)?,
         }
         Ok(true)
+    }
+
+    /// A consumer error: the end of the job when the source topic is gone, a warning otherwise.
+    fn consumer_error(&self, error: KafkaError) -> Result<(), StreamError> {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+            return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
+        }
+        warn!(%error, "consumer error");
+        Ok(())
     }
 
     fn handle_group_events(&mut self) -> Result<(), StreamError> {
@@ -1135,7 +1190,14 @@ struct InputMessage {
 }
 
 impl Input {
-    fn push(&mut self, message: &BorrowedMessage<'_>) {
+    fn push(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        timestamp: Option<i64>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) {
         let mut copy = |part: Option<&[u8]>| {
             part.map(|bytes| {
                 let start = self.bytes.len();
@@ -1143,10 +1205,9 @@ impl Input {
                 start..self.bytes.len()
             })
         };
-        let key = copy(message.key());
-        let payload = copy(message.payload());
-        let input = InputMessage { offset: message.offset(), timestamp: message.timestamp().to_millis(), key, payload };
-        self.partitions.entry(message.partition()).or_default().push(input);
+        let key = copy(key);
+        let payload = copy(payload);
+        self.partitions.entry(partition).or_default().push(InputMessage { offset, timestamp, key, payload });
         self.len += 1;
     }
 

@@ -10,6 +10,7 @@ pub mod collect;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod kafka;
 pub mod metrics;
 pub mod online;

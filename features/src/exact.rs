@@ -149,13 +149,15 @@ impl ExactSum {
         let digits =
             [(wide & DIGIT_MASK as u128) as i64, ((wide >> 32) & DIGIT_MASK as u128) as i64, (wide >> 64) as i64];
         self.make_room(1);
-        for (offset, digit) in digits.into_iter().enumerate() {
-            if digit != 0 {
-                let limb = index + offset;
-                *self.limb_mut(limb) += if negative { -digit } else { digit };
-                self.widen(limb);
-            }
+        // The digits in use: at least one, as the mantissa is not zero.
+        let first = digits.iter().position(|d| *d != 0).unwrap_or(0);
+        let last = digits.iter().rposition(|d| *d != 0).unwrap_or(0);
+        self.cover(index + first, index + last);
+        for (offset, digit) in digits.into_iter().enumerate().take(last + 1).skip(first) {
+            self.limbs[index + offset - self.base] += if negative { -digit } else { digit };
         }
+        self.widen(index + first);
+        self.widen(index + last);
     }
 
     /// Adds another partial sum: afterwards `self` is the exact sum of both.

@@ -179,6 +179,27 @@ impl Partial {
         }
     }
 
+    /// Empties the state (equal to [`Partial::empty`] of its aggregate), keeping its storage
+    /// (exact-sum limbs, distinct sets) for reuse.
+    pub fn clear(&mut self) {
+        match self {
+            Partial::Count(n) => *n = 0,
+            Partial::IntSum { sum, n } => (*sum, *n) = (0, 0),
+            Partial::FloatSum { sum, n } => {
+                sum.clear();
+                *n = 0;
+            }
+            Partial::Moments { n, s1, s2 } => {
+                *n = 0;
+                s1.clear();
+                s2.clear();
+            }
+            Partial::Extreme(value) => *value = None,
+            Partial::Ordered(value) => *value = None,
+            Partial::Distinct(values) => values.clear(),
+        }
+    }
+
     /// Adds one event (row `row` of `arg`, at event time `time`).
     ///
     /// `arg` is `None` only for `count(*)`. Rows the aggregate's `FILTER` rejects are never passed.
@@ -509,7 +530,7 @@ fn dominates(function: Function, newer: &Partial, older: &Partial) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
     use std::sync::Arc;
@@ -526,6 +547,92 @@ mod tests {
             state.update(spec.function, Some(&arg), row, t);
         }
         state.evaluate(spec).unwrap()
+    }
+
+    /// Columns of awkward values (extremes, zeros of both signs, NaN, subnormals, infinities,
+    /// nulls, empty and non-ASCII strings), the last rows repeating earlier ones: (float64,
+    /// string, int64), of equal length.
+    pub(crate) fn awkward_columns() -> (ArrayRef, ArrayRef, ArrayRef) {
+        let floats: ArrayRef = Arc::new(Float64Array::from(vec![
+            Some(1e300),
+            Some(-0.0),
+            None,
+            Some(f64::NAN),
+            Some(3.5e-310),
+            Some(-7.25),
+            Some(f64::INFINITY),
+            Some(-7.25),
+            Some(1e300),
+        ]));
+        let strings: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("b"),
+            Some("a"),
+            None,
+            Some("b"),
+            Some(""),
+            Some("ü"),
+            Some("c"),
+            Some("a"),
+            Some("b"),
+        ]));
+        let ints: ArrayRef = Arc::new(Int64Array::from(vec![
+            Some(5),
+            None,
+            Some(-3),
+            Some(i64::MAX),
+            Some(0),
+            Some(1),
+            Some(2),
+            Some(5),
+            Some(-3),
+        ]));
+        (floats, strings, ints)
+    }
+
+    /// Asserts that two states encode to the same bytes and give the same value.
+    pub(crate) fn assert_same_state(left: &Partial, right: &Partial, spec: &AggregateSpec, what: &str) {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        crate::codec::encode_partial(left, &mut a);
+        crate::codec::encode_partial(right, &mut b);
+        assert_eq!(a, b, "{:?} {what}: encodings", spec.function);
+        let value = |state: &Partial| format!("{:?}", state.evaluate(spec));
+        assert_eq!(value(left), value(right), "{:?} {what}: values", spec.function);
+    }
+
+    #[test]
+    fn a_cleared_state_is_a_new_one() {
+        // The last rows meet values of earlier ones again, in the same exact-sum limbs.
+        let (floats, strings, ints) = awkward_columns();
+        let float = Some(ValueType::Float64);
+        let cases = [
+            (spec(Function::CountStar, None), &floats),
+            (spec(Function::Sum, Some(ValueType::Int64)), &ints),
+            (spec(Function::Avg, float), &floats),
+            (spec(Function::Var, float), &floats),
+            (spec(Function::Max, float), &floats),
+            (spec(Function::First, Some(ValueType::String)), &strings),
+            (spec(Function::CountDistinct, Some(ValueType::String)), &strings),
+        ];
+        for (spec, column) in cases {
+            let arg = ArgColumn::new(column).unwrap();
+            let arg = (spec.function != Function::CountStar).then_some(&arg);
+            // Filled with the first rows, cleared, then given the last ones: as a new state given
+            // the last ones, in value, encoding and equality.
+            for split in 0..=column.len() {
+                let mut reused = Partial::empty(&spec);
+                for row in 0..split {
+                    reused.update(spec.function, arg, row, row as i64);
+                }
+                reused.clear();
+                let mut new = Partial::empty(&spec);
+                for row in split..column.len() {
+                    reused.update(spec.function, arg, row, row as i64);
+                    new.update(spec.function, arg, row, row as i64);
+                }
+                assert_eq!(reused, new, "{:?} after {split} rows", spec.function);
+                assert_same_state(&reused, &new, &spec, &format!("after {split} rows"));
+            }
+        }
     }
 
     #[test]

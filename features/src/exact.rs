@@ -244,6 +244,17 @@ impl ExactSum {
         }
     }
 
+    /// Empties the sum (exactly zero, equal to a new one), keeping its storage for reuse.
+    pub fn clear(&mut self) {
+        self.limbs.fill(0);
+        self.lo = LIMBS;
+        self.hi = 0;
+        self.pending = 0;
+        self.nan = 0;
+        self.pos_inf = 0;
+        self.neg_inf = 0;
+    }
+
     /// True when no value (finite or not) is left in the sum.
     pub fn is_zero(&self) -> bool {
         let mut copy = self.clone();

@@ -169,8 +169,8 @@ impl PaneStates {
         self.0.front().map(|(p, _)| *p)
     }
 
-    fn pop_first(&mut self) {
-        self.0.pop_front();
+    fn pop_first(&mut self) -> Option<Vec<Partial>> {
+        self.0.pop_front().map(|(_, states)| states)
     }
 
     fn is_empty(&self) -> bool {
@@ -320,7 +320,13 @@ pub struct Engine {
     counters: EngineCounters,
     out: Output,
     late: Vec<LateEvent>,
+    /// States of released panes, emptied when a new pane takes them: a pane made for every key
+    /// and slide then allocates nothing (exact sums keep their limbs, distinct sets their table).
+    spare: Vec<Vec<Partial>>,
 }
+
+/// Most released pane states an engine keeps for new panes.
+const SPARE_PANES: usize = 4096;
 
 /// Output rows under construction, and their changes.
 struct Output {
@@ -399,6 +405,7 @@ impl Engine {
             tracking: track_changes.then(Tracking::default),
             counters: EngineCounters::default(),
             late: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -580,8 +587,14 @@ impl Engine {
                 let KeyState::Panes { panes: held, fired_through, slider } = &mut entry.state else {
                     unreachable!("pane engine holds pane state")
                 };
-                let (states, created) =
-                    held.get_or_insert_with(pane, || self.specs.iter().map(Partial::empty).collect());
+                let (spare, specs) = (&mut self.spare, &self.specs);
+                let (states, created) = held.get_or_insert_with(pane, || match spare.pop() {
+                    Some(mut states) => {
+                        states.iter_mut().for_each(Partial::clear);
+                        states
+                    }
+                    None => specs.iter().map(Partial::empty).collect(),
+                });
                 // A pane inside the slider's window changes only with a late event: the slider
                 // takes the change rather than being merged again.
                 let in_slider = slider.as_ref().is_some_and(|s| pane >= s.cursor && pane < s.cursor + panes.per_window);
@@ -874,7 +887,11 @@ impl Engine {
             if p >= limit || !releasable(panes.window_end(p), Some(watermark), self.lateness) {
                 break;
             }
-            held.pop_first();
+            if let Some(states) = held.pop_first()
+                && self.spare.len() < SPARE_PANES
+            {
+                self.spare.push(states);
+            }
             if let Some(t) = self.tracking.as_mut() {
                 t.deleted.push((entry.key.clone(), p));
                 t.slots.remove(&(id, p));

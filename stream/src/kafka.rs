@@ -593,17 +593,18 @@ impl Worker {
             if room == 0 {
                 break;
             }
-            // Messages already fetched are taken without a wait; the clock is read only when
-            // the queue runs dry.
-            if self.read_fetched(Duration::ZERO, room)? > 0 {
-                continue;
-            }
+            // Messages already fetched are taken without a wait. A trickle of them must not
+            // hold the cycle past its deadline, so the clock is read after every read (of up
+            // to `FETCH_CHUNK` messages).
+            let read = self.read_fetched(Duration::ZERO, room)?;
             let wait = deadline.saturating_duration_since(Instant::now());
             if wait.is_zero() {
                 break;
             }
-            // Waits for the whole room, or until the deadline.
-            self.read_fetched(wait, room)?;
+            if read == 0 {
+                // Waits for the whole room, or until the deadline.
+                self.read_fetched(wait, room)?;
+            }
         }
         Ok(())
     }

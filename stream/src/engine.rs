@@ -109,10 +109,10 @@ struct Session {
 
 /// A key's live panes by pane number, in order: a deque sorted by pane. Events mostly add to the
 /// back and releases take from the front, and the engine looks panes up and walks ranges of them
-/// for every event and window. A binary search over a few dozen numbers in one block of memory
-/// does that with far fewer instructions than a B-tree's nodes (written here: a sorted deque is a
-/// few lines over `VecDeque`). A pane added in the middle (a late event) shifts the panes after
-/// it, at most a window and allowed lateness of them.
+/// for every event and window. A binary search over pane numbers held in one block of memory
+/// does that with far fewer instructions than walking a B-tree's nodes (written here: a sorted
+/// deque is a few lines over `VecDeque`). A pane added in the middle (a late event) shifts the
+/// panes after it: at most a window, the allowed lateness and the watermark delay of them.
 #[derive(Default)]
 struct PaneStates(VecDeque<(i64, Vec<Partial>)>);
 

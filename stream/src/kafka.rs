@@ -629,9 +629,7 @@ impl Worker {
             Some(code) => failed.push(code),
         });
         for code in failed {
-            if code != RDKafkaErrorCode::PartitionEOF {
-                self.consumer_error(KafkaError::MessageConsumption(code))?;
-            }
+            self.consumer_error(KafkaError::MessageConsumption(code))?;
         }
         Ok(read)
     }
@@ -649,15 +647,19 @@ impl Worker {
                     self.input.push(p, offset, timestamp, message.key(), message.payload());
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(error)) => self.consumer_error(error)?,
         }
         Ok(true)
     }
 
-    /// A consumer error: the end of the job when the source topic is gone, a warning otherwise.
+    /// A consumer error: the end of the job when the source topic is gone, nothing for the end
+    /// of a partition, a warning otherwise.
     fn consumer_error(&self, error: KafkaError) -> Result<(), StreamError> {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+        let code = error.rdkafka_error_code();
+        if matches!(error, KafkaError::PartitionEOF(_)) || code == Some(RDKafkaErrorCode::PartitionEOF) {
+            return Ok(());
+        }
+        if code == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
             return Err(StreamError::Kafka(format!("source topic `{}`: {error}", self.topics.input)));
         }
         warn!(%error, "consumer error");

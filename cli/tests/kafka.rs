@@ -16,6 +16,7 @@ use lockstep_batch::{BatchJob, SessionLimits};
 use lockstep_features::{Definitions, Location, compile_feature};
 use lockstep_fixtures::{GenerateOptions, OutputFormat, write_events};
 use lockstep_stream::records::{WindowRecords, window_key, window_value};
+use lockstep_stream::topic::log_ends;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -225,13 +226,16 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    // The log ends, past any transaction still open (a killed worker's, until the broker aborts
+    // it): those are waited for, not cut off.
+    let ends: BTreeMap<i32, i64> =
+        log_ends(ClientConfig::new().set("bootstrap.servers", brokers).clone(), topic, Duration::from_secs(10))
+            .unwrap()
+            .into_iter()
+            .map(|(p, (_, high))| (p, high))
+            .collect();
     let mut list = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in &partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)).unwrap();
-        ends.insert(*p, high);
+    for p in ends.keys() {
         list.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
     }
     consumer.assign(&list).unwrap();
@@ -1019,4 +1023,51 @@ async fn metrics_are_served_while_the_job_runs() {
         assert!(metric(&last, name).is_some(), "{name} missing from:\n{last}");
     }
     assert!(metric(&last, "lockstep_events_total").unwrap() > 0.0);
+}
+
+/// A topic is read to its log end, past a transaction still open: a killed worker's stays open
+/// until the broker aborts it, and a reader stopping at the last stable offset would miss every
+/// record committed after its first one. The read waits for it, then returns the records
+/// committed on both sides of it and none of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_is_read_past_a_transaction_still_open() {
+    let Some(brokers) = brokers() else { return };
+    let topic = unique("open-txn");
+    create_topic(&brokers, &topic, 1).await;
+    let transactional = |id: &str| -> ThreadedProducer<DefaultProducerContext> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("transactional.id", format!("{topic}.{id}"))
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer
+    };
+    let send = |producer: &ThreadedProducer<DefaultProducerContext>, values: &[&str]| {
+        producer.begin_transaction().unwrap();
+        for value in values {
+            producer.send(BaseRecord::<str, str>::to(&topic).key("k").payload(value)).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    };
+    let (open, other) = (transactional("open"), transactional("other"));
+    send(&other, &["before"]);
+    other.commit_transaction(Duration::from_secs(30)).unwrap();
+    send(&open, &["aborted-1", "aborted-2"]);
+    send(&other, &["after-1", "after-2"]);
+    other.commit_transaction(Duration::from_secs(30)).unwrap();
+
+    let (b, t) = (brokers.clone(), topic.clone());
+    let reader = std::thread::spawn(move || lockstep_stream::topic::read_committed(&b, &t));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reader.is_finished(), "the read ended before the open transaction did");
+    open.abort_transaction(Duration::from_secs(30)).unwrap();
+    let records = reader.join().unwrap().unwrap();
+    let values: Vec<String> = records.iter().map(|(_, v, _)| show(v.as_deref().unwrap_or_default())).collect();
+    assert_eq!(values, ["before", "after-1", "after-2"]);
+
+    // The test suite's own reader too.
+    let values: Vec<String> =
+        read_topic(&brokers, &topic).iter().map(|(_, v, _)| show(v.as_deref().unwrap_or_default())).collect();
+    assert_eq!(values, ["before", "after-1", "after-2"]);
 }

@@ -59,6 +59,7 @@ use crate::fetch::{FetchQueue, FetchTarget};
 use crate::metrics::{Metrics, process_cpu};
 use crate::online::{OnlineStore, OnlineWrites};
 use crate::records::{WindowRecords, window_key_of};
+use crate::topic::log_end;
 
 /// Messages in a worker's first cycles, before their size adapts.
 pub const FIRST_BATCH: usize = 5_000;
@@ -734,8 +735,13 @@ impl Worker {
             .set("enable.partition.eof", "true")
             .create()
             .map_err(kafka)?;
-        let timeout = Duration::from_secs(30);
-        let (low, high) = reader.fetch_watermarks(&self.topics.changelog, p, timeout).map_err(kafka)?;
+        // The log end, past any transaction still open: a read_committed client would be told
+        // the last stable offset, before it. An open transaction is waited for (the broker ends
+        // a dead worker's after its transaction timeout): once the coordinator has decided to
+        // commit one, its records are part of the state even while its markers are on the way.
+        let config = self.options.client(ClientConfig::new(), false);
+        let (low, high) =
+            log_end(config, &self.topics.changelog, p, Duration::from_secs(30)).map_err(StreamError::Kafka)?;
         if high <= low {
             return Ok(engine);
         }
@@ -743,7 +749,6 @@ impl Worker {
         list.add_partition_offset(&self.topics.changelog, p, Offset::Beginning).map_err(kafka)?;
         reader.assign(&list).map_err(kafka)?;
         let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        // Past any open transaction: the high watermark, not the last stable offset.
         let give_up = Instant::now() + self.options.transaction_timeout * 3 + Duration::from_secs(30);
         loop {
             if Instant::now() > give_up {

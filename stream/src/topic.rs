@@ -2,6 +2,7 @@
 //! committed record from the beginning of each partition to its end. `lockstep compare` reads
 //! output and late topics this way, `lockstep skew` a served-answers log.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -61,20 +62,15 @@ pub fn create_if_missing(brokers: &str, topic: &str, partitions: i32) -> Result<
 /// One record: key, value and headers.
 pub type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
 
-/// Every committed record of `topic`, partition by partition in offset order (read_committed,
-/// so aborted transactions are never seen). Blocking: call it off the async executor. Fails when
-/// the topic does not exist or a partition makes no progress for 60 s.
-pub fn read_committed(brokers: &str, topic: &str) -> Result<Vec<Record>, String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("lockstep.read.{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(|e| e.to_string())?;
-    let timeout = Duration::from_secs(30);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
+/// Each partition of `topic` with its log start and end: the offsets of its first record and
+/// after its last, committed or not. The ends are asked by a read_uncommitted client: a
+/// read_committed one is told the last stable offset instead, which stops at the first record of
+/// any open transaction (say, that of a worker killed a moment ago, which the broker aborts only
+/// after its transaction timeout), so a reader stopping there would miss every record after it.
+/// `config` names the brokers (and any settings the cluster needs).
+pub fn log_ends(config: ClientConfig, topic: &str, timeout: Duration) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+    let client = uncommitted(config)?;
+    let metadata = client.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -84,40 +80,87 @@ pub fn read_committed(brokers: &str, topic: &str) -> Result<Vec<Record>, String>
     if partitions.is_empty() {
         return Err("no such topic (or it has no partitions)".into());
     }
-    let mut assignment = TopicPartitionList::new();
-    let mut open = 0;
-    for &p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| e.to_string())?;
-        if high > low {
-            assignment.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
-            open += 1;
-        }
-    }
+    partitions
+        .into_iter()
+        .map(|p| Ok((p, client.fetch_watermarks(topic, p, timeout).map_err(|e| e.to_string())?)))
+        .collect()
+}
+
+/// The log start and end of one partition of `topic`; see [`log_ends`].
+pub fn log_end(config: ClientConfig, topic: &str, partition: i32, timeout: Duration) -> Result<(i64, i64), String> {
+    uncommitted(config)?.fetch_watermarks(topic, partition, timeout).map_err(|e| e.to_string())
+}
+
+fn uncommitted(mut config: ClientConfig) -> Result<BaseConsumer, String> {
+    config.set("isolation.level", "read_uncommitted").create().map_err(|e| e.to_string())
+}
+
+/// Every committed record of `topic` up to its log ends when the read starts, partition by
+/// partition in offset order (read_committed, so aborted transactions are never seen).
+/// Transactions open at the start are waited for: their records come once they commit, and
+/// are skipped once they abort. Blocking: call it off the async executor. Fails when the topic
+/// does not exist or the read makes no progress for 60 s (a transaction still open).
+pub fn read_committed(brokers: &str, topic: &str) -> Result<Vec<Record>, String> {
+    let timeout = Duration::from_secs(30);
+    let ends = log_ends(ClientConfig::new().set("bootstrap.servers", brokers).clone(), topic, timeout)?;
+    let mut open: BTreeMap<i32, i64> =
+        ends.iter().filter(|(_, (low, high))| high > low).map(|(p, (_, high))| (*p, *high)).collect();
     let mut records = Vec::new();
-    if open == 0 {
+    if open.is_empty() {
         return Ok(records);
     }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("lockstep.read.{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut assignment = TopicPartitionList::new();
+    for p in open.keys() {
+        assignment.add_partition_offset(topic, *p, Offset::Beginning).map_err(|e| e.to_string())?;
+    }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
-    let mut idle = Instant::now();
-    while open > 0 {
-        match consumer.poll(Duration::from_millis(500)) {
-            None if idle.elapsed() > Duration::from_secs(60) => {
-                return Err("no progress for 60 s (an open transaction?)".into());
-            }
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                open -= 1;
-                idle = Instant::now();
-            }
-            Some(Err(e)) => return Err(e.to_string()),
+    let mut progress = Instant::now();
+    let mut unchecked = 0usize;
+    while !open.is_empty() {
+        let message = consumer.poll(Duration::from_millis(500));
+        // Where each partition's read has got to (past the markers and aborted records, which
+        // are never handed out), asked whenever the reader waits, and every 4,096 records.
+        let check = match message {
             Some(Ok(message)) => {
-                idle = Instant::now();
                 let headers = message
                     .headers()
                     .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
                     .unwrap_or_default();
                 records.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec), headers));
+                progress = Instant::now();
+                unchecked += 1;
+                unchecked >= 4096
             }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => true,
+            Some(Err(e)) => return Err(e.to_string()),
+        };
+        if !check {
+            continue;
+        }
+        unchecked = 0;
+        let position = consumer.position().map_err(|e| e.to_string())?;
+        let before = open.len();
+        open.retain(|p, end| {
+            let at = position.find_partition(topic, *p).and_then(|e| e.offset().to_raw()).unwrap_or(-1);
+            at < *end
+        });
+        if open.len() < before {
+            progress = Instant::now();
+        }
+        if let Some((p, end)) = open.iter().next()
+            && progress.elapsed() > Duration::from_secs(60)
+        {
+            return Err(format!(
+                "partition {p} read no further for 60 s, short of its end at offset {end} (a transaction still open?)"
+            ));
         }
     }
     Ok(records)

@@ -17,6 +17,9 @@
 #    (decode, engine, produce, online store, commit; waits for the broker left out). Median of
 #    RUNS, each with the online store and without it, next to the replay source (the engine
 #    alone, no broker, timed as a whole process).
+#    The peer, in the same runs: kcat (librdkafka's command-line client) only reads the same
+#    topic to its end, read_committed, printing nothing per message; per core = events per
+#    CPU-second of its process. It bounds what any consumer of the topic can do per core here.
 # 2. Latency: a worker runs while events are produced at RATE events/s for RATE_SECONDS; the
 #    worker measures, for every window it writes, the time from the produce of the event that
 #    caused it to the write into Redis, and reports p50/p99.
@@ -30,6 +33,10 @@ RATE_SECONDS="${RATE_SECONDS:-30}"
 WORK="${WORK:-/tmp/lockstep-bench-stream}"
 
 cargo build --release -p lockstep
+command -v kcat > /dev/null || {
+  echo "installing kcat (Debian package), the read-only peer"
+  apt-get install -y -q kcat > /dev/null
+}
 BIN="$CARGO_TARGET_DIR/release/lockstep"
 services="$(scripts/services.sh start)"
 set -a
@@ -62,6 +69,14 @@ end_to_end() { sed -n 's/.*end to end \([0-9]*\) events\/s.*/\1/p'; }
 per_cpu() { sed -n 's/.* \([0-9]*\) events per CPU-second.*/\1/p'; }
 windows() { sed -n 's/.* \([0-9]*\) window changes.*/\1/p'; }
 
+# CPU-seconds of a command's process (user + system), its output dropped.
+cpu_of() {
+  python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_utime + usage.ru_stime)' "$@"
+}
+
 # Empties the online store (the project's test Redis, which the benchmark has to itself).
 clear_store() { redis-cli -u "$REDIS_URL" FLUSHDB > /dev/null; }
 
@@ -85,6 +100,10 @@ for run in $(seq 1 "$RUNS"); do
       echo "$workload $mode-cycles $(echo "$out" | throughput)" >> "$results"
       echo "$workload $mode-cpu $(echo "$out" | per_cpu)" >> "$results"
       echo "$workload windows $(echo "$out" | windows)" >> "$results"
+      if [ "$mode" = plain ]; then
+        cpu="$(cpu_of kcat -C -b "$KAFKA_BROKERS" -t "$topic" -o beginning -e -q -X isolation.level=read_committed -f '')"
+        echo "$workload peer-cpu $(python3 -c "print(round($EVENTS / $cpu))")" >> "$results"
+      fi
     done
     start=$(date +%s.%N)
     "$BIN" stream "$(defs "bench-$tag-replay")" --feature user_velocity --replay "$WORK/$workload.parquet" --quiet
@@ -135,18 +154,22 @@ lines = [
     f"are hours apart, so each opens windows of its own) and *dense* ({shapes['dense']}: windows "
     f"fire about once per key and minute). Per core: events per CPU-second of the job's process "
     f"(all its threads, from the first message read to the last commit; the broker and Redis, on "
-    f"the same machine, not counted). `bench/stream.sh` reproduces this.",
+    f"the same machine, not counted). Read only: the peer, kcat (librdkafka's command-line client) "
+    f"reading the same topic to its end, read_committed, printing nothing, in events per "
+    f"CPU-second of its process; the share is the job's per core over it. `bench/stream.sh` "
+    f"reproduces this.",
     "",
     "| workload | window rows per event | replay source | Kafka, exactly-once: end to end | in cycles | per core "
-    "| Kafka + Redis: end to end | in cycles | per core |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| read only (kcat), per core | share | Kafka + Redis: end to end | in cycles | per core |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for workload in ("sparse", "dense"):
     per_event = med(workload, "windows") / events
     lines.append(
         f"| {workload} ({shapes[workload]}) | {per_event:.2f} | {med(workload, 'replay'):,} events/s "
         f"| {med(workload, 'plain'):,} events/s | {med(workload, 'plain-cycles'):,} | "
-        f"{med(workload, 'plain-cpu'):,} | {med(workload, 'online'):,} events/s | "
+        f"{med(workload, 'plain-cpu'):,} | {med(workload, 'peer-cpu'):,} | "
+        f"{med(workload, 'plain-cpu') / med(workload, 'peer-cpu'):.0%} | {med(workload, 'online'):,} events/s | "
         f"{med(workload, 'online-cycles'):,} | {med(workload, 'online-cpu'):,} |"
     )
 lines += ["", "Runs (events/s):", ""]
@@ -154,6 +177,7 @@ for workload in ("sparse", "dense"):
     lines.append(
         f"- {workload}: replay {values[workload, 'replay']}; Kafka end to end {values[workload, 'plain']} "
         f"(in cycles {values[workload, 'plain-cycles']}, per core {values[workload, 'plain-cpu']}); "
+        f"read only (kcat), per core {values[workload, 'peer-cpu']}; "
         f"Kafka + Redis end to end {values[workload, 'online']} (in cycles "
         f"{values[workload, 'online-cycles']}, per core {values[workload, 'online-cpu']})"
     )

@@ -48,6 +48,10 @@ pub struct JsonDecoder {
     fields: Vec<(String, ValueType)>,
     /// Field name → position in `fields`.
     positions: HashMap<Box<str>, usize, foldhash::fast::FixedState>,
+    /// Each field's name in quotes, for a name that needs no escape (no quote, backslash or
+    /// control character): the flat reading takes such a name by comparing bytes. A message
+    /// that spells it with escapes leaves the flat reading, as before.
+    quoted: Vec<Option<Box<[u8]>>>,
     event_time: usize,
 }
 
@@ -66,7 +70,15 @@ impl JsonDecoder {
     pub fn new(source: &Source, schema: SchemaRef) -> Self {
         let event_time = source.schema.iter().position(|(name, _)| *name == source.event_time).unwrap_or(0);
         let positions = source.schema.iter().enumerate().map(|(i, (name, _))| (name.as_str().into(), i)).collect();
-        JsonDecoder { schema, fields: source.schema.clone(), positions, event_time }
+        let quoted = source
+            .schema
+            .iter()
+            .map(|(name, _)| {
+                let plain = !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+                plain.then(|| [b"\"", name.as_bytes(), b"\""].concat().into_boxed_slice())
+            })
+            .collect();
+        JsonDecoder { schema, fields: source.schema.clone(), positions, quoted, event_time }
     }
 
     /// Decodes `messages` (`None` is a message without a value).
@@ -144,14 +156,25 @@ impl JsonDecoder {
         let mut next_field = 0;
         if !scan.eat(b'}') {
             loop {
-                let name = scan.string()?;
+                // The expected name is taken by comparing bytes: a plain name's quoted spelling
+                // at the cursor is exactly the string token `scan.string` would read.
+                let expected = self.quoted.get(next_field).and_then(Option::as_deref);
+                let position = match expected {
+                    Some(quoted) if bytes[scan.at..].starts_with(quoted) => {
+                        scan.at += quoted.len();
+                        Some(next_field)
+                    }
+                    _ => {
+                        let name = scan.string()?;
+                        match self.fields.get(next_field) {
+                            Some((expected, _)) if expected == name => Some(next_field),
+                            _ => self.positions.get(name).copied(),
+                        }
+                    }
+                };
                 scan.skip_space();
                 scan.expect(b':')?;
                 scan.skip_space();
-                let position = match self.fields.get(next_field) {
-                    Some((expected, _)) if expected == name => Some(next_field),
-                    _ => self.positions.get(name).copied(),
-                };
                 let scalar = scan.scalar()?;
                 if let Some(i) = position {
                     slots[i] = Some(CellSeed(self.fields[i].1).scalar(scalar));
@@ -255,15 +278,18 @@ impl<'m> Scan<'m> {
         if int_digits == 0 || (int_digits > 1 && self.bytes[int_start] == b'0') {
             return None;
         }
-        let mut integer = true;
+        let int_end = self.at;
+        let mut fraction = None;
         if self.eat(b'.') {
-            integer = false;
+            let fraction_start = self.at;
             if self.digits() == 0 {
                 return None;
             }
+            fraction = Some(fraction_start..self.at);
         }
+        let mut exponent = false;
         if matches!(self.peek(), Some(b'e' | b'E')) {
-            integer = false;
+            exponent = true;
             self.at += 1;
             if matches!(self.peek(), Some(b'+' | b'-')) {
                 self.at += 1;
@@ -272,20 +298,48 @@ impl<'m> Scan<'m> {
                 return None;
             }
         }
-        if !integer {
+        if fraction.is_some() || exponent {
+            if let (Some(fraction), false) = (&fraction, exponent)
+                && let Some(x) = short_decimal(&self.bytes[int_start..int_end], &self.bytes[fraction.clone()])
+            {
+                return Some(Scalar::F64(if negative { -x } else { x }));
+            }
             let x: f64 = self.text.get(start..self.at)?.parse().ok()?;
             return x.is_finite().then_some(Scalar::F64(x));
         }
-        let mut magnitude: u64 = 0;
-        for &digit in &self.bytes[int_start..self.at] {
-            magnitude = magnitude.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
-        }
+        // Up to 19 digits cannot overflow a u64; longer ones are checked.
+        let digits = &self.bytes[int_start..int_end];
+        let magnitude = if digits.len() <= 19 {
+            digits.iter().fold(0u64, |m, d| m * 10 + u64::from(d - b'0'))
+        } else {
+            let mut magnitude: u64 = 0;
+            for &digit in digits {
+                magnitude = magnitude.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
+            }
+            magnitude
+        };
         match (negative, magnitude) {
             (false, _) => Some(Scalar::U64(magnitude)),
             (true, 1..=0x8000_0000_0000_0000) => Some(Scalar::I64((magnitude as i64).wrapping_neg())),
             (true, _) => None,
         }
     }
+}
+
+/// The value of the decimal `integer.fraction` (ASCII digits, no sign), when it is exact by the
+/// fast path every correct reader starts with (Clinger's): all its digits as one integer of at
+/// most 2^53, divided by a power of ten up to 10^22. Both are doubles exactly, so one division
+/// rounds correctly. `None` for any other number, which is left to the full parser.
+fn short_decimal(integer: &[u8], fraction: &[u8]) -> Option<f64> {
+    const POWERS: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19,
+        1e20, 1e21, 1e22,
+    ];
+    if integer.len() + fraction.len() > 19 || fraction.len() >= POWERS.len() {
+        return None;
+    }
+    let mantissa = integer.iter().chain(fraction).fold(0u64, |m, d| m * 10 + u64::from(d - b'0'));
+    (mantissa <= 1 << 53).then(|| mantissa as f64 / POWERS[fraction.len()])
 }
 
 /// The position of the first byte of `bytes` that ends a plain string: a quote, a backslash or a
@@ -800,7 +854,9 @@ features:
     }
 
     fn message_text() -> impl Strategy<Value = String> {
-        let name = prop::sample::select(vec!["id", "n", "x", "ok", "t", "other", "i\\u0064", "t "]);
+        // Besides the schema's names: one spelled with an escape, and names that a schema name
+        // begins or that begin one.
+        let name = prop::sample::select(vec!["id", "n", "x", "ok", "t", "other", "i\\u0064", "t ", "idd", "i", "x\""]);
         let space = prop::sample::select(vec!["", "", "", " ", "\n\t", "\r "]);
         let field = (name, space.clone(), value_text(), space.clone())
             .prop_map(|(name, s1, value, s2)| format!("{s1}\"{name}\"{s2}:{s1}{value}{s2}"));
@@ -865,6 +921,20 @@ features:
                 let flat: Vec<String> = flat.iter().map(show).collect();
                 let full: Vec<String> = full.iter().map(show).collect();
                 prop_assert_eq!(flat, full, "{}", message);
+            }
+        }
+
+        /// Short decimals read by the exact fast path give the bits of a correctly rounding
+        /// parser; longer ones are left to it.
+        #[test]
+        fn short_decimals_read_as_a_correct_parser_reads_them(
+            integer in "[0-9]{1,12}",
+            fraction in "[0-9]{1,14}",
+        ) {
+            let expected: f64 = format!("{integer}.{fraction}").parse().unwrap();
+            match short_decimal(integer.as_bytes(), fraction.as_bytes()) {
+                Some(x) => prop_assert_eq!(x.to_bits(), expected.to_bits(), "{}.{}", integer, fraction),
+                None => prop_assert!(integer.len() + fraction.len() > 15, "{}.{} left to the parser", integer, fraction),
             }
         }
 

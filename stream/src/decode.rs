@@ -74,7 +74,7 @@ impl JsonDecoder {
             .schema
             .iter()
             .map(|(name, _)| {
-                let plain = !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+                let plain = !name.bytes().any(ends_plain_string);
                 plain.then(|| [b"\"", name.as_bytes(), b"\""].concat().into_boxed_slice())
             })
             .collect();
@@ -360,7 +360,13 @@ fn string_length(bytes: &[u8]) -> Option<usize> {
         }
         at += 8;
     }
-    bytes[at..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).map(|p| at + p)
+    bytes[at..].iter().position(|&b| ends_plain_string(b)).map(|p| at + p)
+}
+
+/// A byte that ends a plain string (one the flat reading takes): a quote, a backslash or a
+/// control character.
+fn ends_plain_string(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < 0x20
 }
 
 /// Reads a message's top level: an object whose fields the schema names go to their slots

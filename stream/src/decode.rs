@@ -152,25 +152,20 @@ impl JsonDecoder {
         scan.skip_space();
         scan.expect(b'{')?;
         scan.skip_space();
-        // Messages mostly list their fields in schema order: try the next one before hashing.
+        // Messages mostly list their fields in schema order: the next one is tried before hashing.
         let mut next_field = 0;
         if !scan.eat(b'}') {
             loop {
                 // The expected name is taken by comparing bytes: a plain name's quoted spelling
-                // at the cursor is exactly the string token `scan.string` would read.
+                // at the cursor is exactly the string token `scan.string` would read. A name
+                // that is not plain never comes out of `scan.string`, which stops at escapes.
                 let expected = self.quoted.get(next_field).and_then(Option::as_deref);
                 let position = match expected {
                     Some(quoted) if bytes[scan.at..].starts_with(quoted) => {
                         scan.at += quoted.len();
                         Some(next_field)
                     }
-                    _ => {
-                        let name = scan.string()?;
-                        match self.fields.get(next_field) {
-                            Some((expected, _)) if expected == name => Some(next_field),
-                            _ => self.positions.get(name).copied(),
-                        }
-                    }
+                    _ => self.positions.get(scan.string()?).copied(),
                 };
                 scan.skip_space();
                 scan.expect(b':')?;

@@ -726,15 +726,6 @@ impl Worker {
     /// Rebuilds partition `p`'s engine from its changelog partition.
     fn restore(&self, p: i32) -> Result<Engine, StreamError> {
         let mut engine = Engine::new(&self.feature, true)?;
-        let reader: BaseConsumer = self
-            .options
-            .client(ClientConfig::new(), false)
-            .set("group.id", format!("{}.restore", self.options.group))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(kafka)?;
         // The log end, past any transaction still open: a read_committed client would be told
         // the last stable offset, before it. An open transaction is waited for (the broker ends
         // a dead worker's after its transaction timeout): once the coordinator has decided to
@@ -745,6 +736,15 @@ impl Worker {
         if high <= low {
             return Ok(engine);
         }
+        let reader: BaseConsumer = self
+            .options
+            .client(ClientConfig::new(), false)
+            .set("group.id", format!("{}.restore", self.options.group))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka)?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.topics.changelog, p, Offset::Beginning).map_err(kafka)?;
         reader.assign(&list).map_err(kafka)?;

@@ -17,9 +17,16 @@
 #    (decode, engine, produce, online store, commit; waits for the broker left out). Median of
 #    RUNS, each with the online store and without it, next to the replay source (the engine
 #    alone, no broker, timed as a whole process).
-#    The peer, in the same runs: kcat (librdkafka's command-line client) only reads the same
-#    topic to its end, read_committed, printing nothing per message; per core = events per
-#    CPU-second of its process. It bounds what any consumer of the topic can do per core here.
+#    The peers, in the same runs, both kcat (librdkafka's command-line client):
+#    - read only: kcat reads the same topic to its end, read_committed, printing nothing per
+#      message; per core = events per CPU-second of its process. It bounds what any consumer of
+#      the topic can do per core here;
+#    - read and write: that read, plus kcat writing the job's committed output and changelog
+#      records again (the same keys and values, dumped first) to fresh topics, each in one
+#      transaction, with the job's producer settings (LZ4, linger.ms=50,
+#      batch.num.messages=100000). Per core = input events per CPU-second of the three
+#      processes: librdkafka's cost for the messages the job reads and writes, with no decoding,
+#      no aggregation and no encoding at all.
 # 2. Latency: a worker runs while events are produced at RATE events/s for RATE_SECONDS; the
 #    worker measures, for every window it writes, the time from the produce of the event that
 #    caused it to the write into Redis, and reports p50/p99.
@@ -77,6 +84,45 @@ usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(usage.ru_utime + usage.ru_stime)' "$@"
 }
 
+# CPU-seconds of a command's process reading standard input from file $1, its output dropped.
+cpu_of_input() {
+  python3 -c 'import resource, subprocess, sys
+with open(sys.argv[1], "rb") as source:
+    subprocess.run(sys.argv[2:], stdin=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_utime + usage.ru_stime)' "$@"
+}
+
+# Records of topic $1 (read_committed) into file $2: key, then value, each ended by a byte string
+# that is not valid UTF-8 and that no record of the job holds (checked: the copy must have as many
+# records as the topic). A tombstone's value comes back empty.
+KEY_END='\xfe\xfd\xfc\xfb'
+RECORD_END='\xfa\xf9\xf8\xf7'
+dump_topic() {
+  kcat -C -b "$KAFKA_BROKERS" -t "$1" -o beginning -e -q -X isolation.level=read_committed \
+    -K "$KEY_END" -D "$RECORD_END" > "$2"
+}
+
+# Records in topic $1, read_committed.
+count_records() {
+  kcat -C -b "$KAFKA_BROKERS" -t "$1" -o beginning -e -q -X isolation.level=read_committed -f '.' | wc -c
+}
+
+# CPU-seconds of kcat writing the records of dump $1 to the fresh topic $2 in one transaction,
+# with the job's producer settings; fails unless the topic then holds as many records as $3.
+write_cpu() {
+  local cpu
+  cpu="$(cpu_of_input "$1" kcat -P -b "$KAFKA_BROKERS" -t "$2" -z lz4 -X linger.ms=50 \
+    -X batch.num.messages=100000 -X transactional.id="$2" -K "$KEY_END" -D "$RECORD_END")"
+  local written
+  written="$(count_records "$2")"
+  if [ "$written" != "$3" ]; then
+    echo "the read-and-write peer wrote $written records of $3 to $2" >&2
+    exit 1
+  fi
+  echo "$cpu"
+}
+
 # Empties the online store (the project's test Redis, which the benchmark has to itself).
 clear_store() { redis-cli -u "$REDIS_URL" FLUSHDB > /dev/null; }
 
@@ -103,6 +149,12 @@ for run in $(seq 1 "$RUNS"); do
       if [ "$mode" = plain ]; then
         cpu="$(cpu_of kcat -C -b "$KAFKA_BROKERS" -t "$topic" -o beginning -e -q -X isolation.level=read_committed -f '')"
         echo "$workload peer-cpu $(python3 -c "print(round($EVENTS / $cpu))")" >> "$results"
+        changelog="g-$topic.user_velocity.changelog"
+        dump_topic "$topic.windows" "$WORK/windows.dump"
+        dump_topic "$changelog" "$WORK/changelog.dump"
+        out_cpu="$(write_cpu "$WORK/windows.dump" "peer-$topic.windows" "$(count_records "$topic.windows")")"
+        log_cpu="$(write_cpu "$WORK/changelog.dump" "peer-$changelog" "$(count_records "$changelog")")"
+        echo "$workload io-cpu $(python3 -c "print(round($EVENTS / ($cpu + $out_cpu + $log_cpu)))")" >> "$results"
       fi
     done
     start=$(date +%s.%N)
@@ -156,12 +208,17 @@ lines = [
     f"(all its threads, from the first message read to the last commit; the broker and Redis, on "
     f"the same machine, not counted). Read only: the peer, kcat (librdkafka's command-line client) "
     f"reading the same topic to its end, read_committed, printing nothing, in events per "
-    f"CPU-second of its process; the share is the job's per core over it. `bench/stream.sh` "
-    f"reproduces this.",
+    f"CPU-second of its process; the share is the job's per core over it. Read and write: that "
+    f"read, plus kcat writing the job's committed output and changelog records again to fresh "
+    f"topics, each in one transaction, with the job's producer settings (LZ4, linger.ms=50, "
+    f"batch.num.messages=100000), in input events per CPU-second of the three processes: what "
+    f"librdkafka alone costs for the messages the job reads and writes, with no decoding, "
+    f"aggregation or encoding. `bench/stream.sh` reproduces this.",
     "",
     "| workload | window rows per event | replay source | Kafka, exactly-once: end to end | in cycles | per core "
-    "| read only (kcat), per core | share | Kafka + Redis: end to end | in cycles | per core |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| read only (kcat), per core | share | read and write (kcat), per core | share "
+    "| Kafka + Redis: end to end | in cycles | per core |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for workload in ("sparse", "dense"):
     per_event = med(workload, "windows") / events
@@ -169,7 +226,8 @@ for workload in ("sparse", "dense"):
         f"| {workload} ({shapes[workload]}) | {per_event:.2f} | {med(workload, 'replay'):,} events/s "
         f"| {med(workload, 'plain'):,} events/s | {med(workload, 'plain-cycles'):,} | "
         f"{med(workload, 'plain-cpu'):,} | {med(workload, 'peer-cpu'):,} | "
-        f"{med(workload, 'plain-cpu') / med(workload, 'peer-cpu'):.0%} | {med(workload, 'online'):,} events/s | "
+        f"{med(workload, 'plain-cpu') / med(workload, 'peer-cpu'):.0%} | {med(workload, 'io-cpu'):,} | "
+        f"{med(workload, 'plain-cpu') / med(workload, 'io-cpu'):.0%} | {med(workload, 'online'):,} events/s | "
         f"{med(workload, 'online-cycles'):,} | {med(workload, 'online-cpu'):,} |"
     )
 lines += ["", "Runs (events/s):", ""]
@@ -178,6 +236,7 @@ for workload in ("sparse", "dense"):
         f"- {workload}: replay {values[workload, 'replay']}; Kafka end to end {values[workload, 'plain']} "
         f"(in cycles {values[workload, 'plain-cycles']}, per core {values[workload, 'plain-cpu']}); "
         f"read only (kcat), per core {values[workload, 'peer-cpu']}; "
+        f"read and write (kcat), per core {values[workload, 'io-cpu']}; "
         f"Kafka + Redis end to end {values[workload, 'online']} (in cycles "
         f"{values[workload, 'online-cycles']}, per core {values[workload, 'online-cpu']})"
     )

@@ -154,6 +154,7 @@ for run in $(seq 1 "$RUNS"); do
         dump_topic "$changelog" "$WORK/changelog.dump"
         out_cpu="$(write_cpu "$WORK/windows.dump" "peer-$topic.windows" "$(count_records "$topic.windows")")"
         log_cpu="$(write_cpu "$WORK/changelog.dump" "peer-$changelog" "$(count_records "$changelog")")"
+        rm -f "$WORK/windows.dump" "$WORK/changelog.dump"
         echo "$workload io-cpu $(python3 -c "print(round($EVENTS / ($cpu + $out_cpu + $log_cpu)))")" >> "$results"
       fi
     done

@@ -9,7 +9,8 @@
 # - sparse: 20,000 users over 7 days (the batch benchmark's shape). A user's events are hours
 #   apart, so each one opens windows of its own: about 25 window rows fire per event;
 # - dense: 200 users over 1 day. Each user's minute holds events, so windows fire about once per
-#   key and minute: about one window row per event, and the cost is reading and aggregating.
+#   key and minute: about one window row per event, and the cost is reading, aggregating and
+#   writing.
 #
 # 1. Sustained throughput: EVENTS events are produced to a fresh one-partition topic first, then
 #    one worker consumes them to the end (--until-idle). End to end = events / time from the

@@ -458,28 +458,54 @@ fn group_shares_partitions(brokers: &str, group: &str, members: usize) -> bool {
     })
 }
 
-/// Kills the job with SIGKILL at random moments, `kills_wanted` times, restarting it each time,
-/// then lets a run end on its own. Returns how many kills landed while input was still unread.
+/// Kills the job with SIGKILL `kills_wanted` times, restarting it each time, then lets a run end
+/// on its own. Returns how many kills landed while input was still unread.
+///
+/// The second kill comes 100 ms to 1 s after its restart, while the job starts up or restores its
+/// state. Each of the others comes once the group has committed a random 10–60% of the input left
+/// when the job started, and then a random 0–100 ms later, anywhere in a cycle or its commit. Kills
+/// tied to progress land mid-run however fast the job is.
 fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, kills_wanted: usize) -> usize {
     let mut state = seed;
+    let mut random = |below: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % below
+    };
     let mut kills = 0;
     let mut mid_run = 0;
     loop {
+        let (before, end) = group_progress(&fixture.brokers, group, &fixture.topic);
         let mut child = fixture.job(feature, group, "w1", &["--no-online", "--max-batch", "300"]);
         if kills == kills_wanted {
             let output = child.wait_with_output().unwrap();
             assert!(output.status.success(), "the last run failed: {}", String::from_utf8_lossy(&output.stderr));
             return mid_run;
         }
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let wait = Duration::from_millis(800 + (state >> 33) % 2_500);
         let started = Instant::now();
-        while started.elapsed() < wait {
+        let (at, target) = if kills == 1 {
+            (Duration::from_millis(100 + random(900)), before)
+        } else {
+            let share = 10 + random(51) as i64;
+            (Duration::ZERO, before + ((end - before) * share / 100).max(1))
+        };
+        let extra = Duration::from_millis(random(101));
+        let mut reached: Option<Instant> = None;
+        loop {
             if let Some(status) = child.try_wait().unwrap() {
                 assert!(status.success(), "the job failed after {kills} kills");
                 return mid_run;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if reached.is_none()
+                && started.elapsed() >= at
+                && group_progress(&fixture.brokers, group, &fixture.topic).0 >= target
+            {
+                reached = Some(Instant::now());
+            }
+            if reached.is_some_and(|r| r.elapsed() >= extra) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "the job made no progress towards kill {kills}");
+            std::thread::sleep(Duration::from_millis(10));
         }
         child.kill().unwrap();
         child.wait().unwrap();
@@ -496,7 +522,7 @@ async fn killed_at_random_points_the_output_is_that_of_an_undisturbed_run() {
     let Some(brokers) = brokers() else { return };
     let fixture = Fixture::new(&brokers, "crash", 3, options(40_000, 8), "7h").await;
     let mid_run = run_with_crashes(&fixture, "velocity", &unique("g"), 99, 4);
-    assert!(mid_run >= 2, "only {mid_run} of 4 kills landed before the input was read");
+    assert!(mid_run >= 3, "only {mid_run} of 4 kills landed before the input was read");
     let got = last_values(&read_topic(&brokers, &fixture.output));
     assert_same(&got, &fixture.expected("velocity").await, "velocity after kills");
 }

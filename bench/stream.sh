@@ -77,22 +77,18 @@ end_to_end() { sed -n 's/.*end to end \([0-9]*\) events\/s.*/\1/p'; }
 per_cpu() { sed -n 's/.* \([0-9]*\) events per CPU-second.*/\1/p'; }
 windows() { sed -n 's/.* \([0-9]*\) window changes.*/\1/p'; }
 
-# CPU-seconds of a command's process (user + system), its output dropped.
+# CPU-seconds of a command's process (user + system), its output dropped; with INPUT set, it
+# reads standard input from that file.
 cpu_of() {
-  python3 -c 'import resource, subprocess, sys
-subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
+  python3 -c 'import os, resource, subprocess, sys
+source = open(os.environ["INPUT"], "rb") if os.environ.get("INPUT") else None
+subprocess.run(sys.argv[1:], stdin=source, stdout=subprocess.DEVNULL, check=True)
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(usage.ru_utime + usage.ru_stime)' "$@"
 }
 
-# CPU-seconds of a command's process reading standard input from file $1, its output dropped.
-cpu_of_input() {
-  python3 -c 'import resource, subprocess, sys
-with open(sys.argv[1], "rb") as source:
-    subprocess.run(sys.argv[2:], stdin=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(usage.ru_utime + usage.ru_stime)' "$@"
-}
+# Empties the online store (the project's test Redis, which the benchmark has to itself).
+clear_store() { redis-cli -u "$REDIS_URL" FLUSHDB > /dev/null; }
 
 # Records of topic $1 (read_committed) into file $2: key, then value, each ended by a byte string
 # that is not valid UTF-8 and that no record of the job holds (checked: the copy must have as many
@@ -113,7 +109,7 @@ count_records() {
 # with the job's producer settings; fails unless the topic then holds as many records as $3.
 write_cpu() {
   local cpu
-  cpu="$(cpu_of_input "$1" kcat -P -b "$KAFKA_BROKERS" -t "$2" -z lz4 -X linger.ms=50 \
+  cpu="$(INPUT="$1" cpu_of kcat -P -b "$KAFKA_BROKERS" -t "$2" -z lz4 -X linger.ms=50 \
     -X batch.num.messages=100000 -X transactional.id="$2" -K "$KEY_END" -D "$RECORD_END")"
   local written
   written="$(count_records "$2")"
@@ -123,9 +119,6 @@ write_cpu() {
   fi
   echo "$cpu"
 }
-
-# Empties the online store (the project's test Redis, which the benchmark has to itself).
-clear_store() { redis-cli -u "$REDIS_URL" FLUSHDB > /dev/null; }
 
 # Results, one line per measurement: workload mode value.
 results="$WORK/results.txt"

@@ -471,16 +471,19 @@ fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, ki
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (state >> 33) % below
     };
+    let job = || fixture.job(feature, group, "w1", &["--no-online", "--max-batch", "300"]);
+    let progress = || group_progress(&fixture.brokers, group, &fixture.topic);
+    // Committed offsets and the input's end; a killed job commits nothing more.
+    let (mut before, end) = progress();
     let mut kills = 0;
     let mut mid_run = 0;
     loop {
-        let (before, end) = group_progress(&fixture.brokers, group, &fixture.topic);
-        let mut child = fixture.job(feature, group, "w1", &["--no-online", "--max-batch", "300"]);
         if kills == kills_wanted {
-            let output = child.wait_with_output().unwrap();
+            let output = job().wait_with_output().unwrap();
             assert!(output.status.success(), "the last run failed: {}", String::from_utf8_lossy(&output.stderr));
             return mid_run;
         }
+        let mut child = job();
         let started = Instant::now();
         let (at, target) = if kills == 1 {
             (Duration::from_millis(100 + random(900)), before)
@@ -495,10 +498,7 @@ fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, ki
                 assert!(status.success(), "the job failed after {kills} kills");
                 return mid_run;
             }
-            if reached.is_none()
-                && started.elapsed() >= at
-                && group_progress(&fixture.brokers, group, &fixture.topic).0 >= target
-            {
+            if reached.is_none() && started.elapsed() >= at && progress().0 >= target {
                 reached = Some(Instant::now());
             }
             if reached.is_some_and(|r| r.elapsed() >= extra) {
@@ -510,8 +510,8 @@ fn run_with_crashes(fixture: &Fixture, feature: &str, group: &str, seed: u64, ki
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
-        let (committed, end) = group_progress(&fixture.brokers, group, &fixture.topic);
-        if committed < end {
+        before = progress().0;
+        if before < end {
             mid_run += 1;
         }
     }
